@@ -1,0 +1,305 @@
+"""Typed configuration for a Visual-RFT run: one dataclass per component.
+
+Every field carries its documentation in ``metadata["help"]`` (shown by ``--help`` of the entry
+points and in validation errors). Fields typed with ``Literal[...]`` are checked against their
+allowed values when a config is loaded; cross-field rules live in each class's ``validate``.
+Names that select algorithm pieces (advantage estimator, policy loss, KL estimator, aggregation,
+reward functions) are the registry names of ``megatron_vrft.rl`` / ``megatron_vrft.rewards``; a test
+keeps the ``Literal`` choices here and the registries in step, so config never imports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_vrft.config.errors import ConfigError
+
+
+def doc(help_text: str, **kwargs):
+    """A dataclass field with its documentation attached."""
+    return field(metadata={"help": help_text}, **kwargs)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    family: Literal["qwen2_vl", "qwen2_5_vl"] = doc("Model family; selects the name map and vision tower.")
+    hf_path: str | None = doc(
+        "Directory of a Hugging Face checkpoint (config.json + safetensors). None builds the "
+        "built-in tiny random model (`tiny_preset`), which needs no download.",
+        default=None,
+    )
+    tiny_preset: Literal["tiny", "small"] = doc(
+        "Size of the built-in random model used when hf_path is None.", default="tiny"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = doc(
+        "Parameter and activation dtype of the policy.", default="bfloat16"
+    )
+    layer_spec: Literal["auto", "local", "transformer_engine"] = doc(
+        "megatron-core layer spec: 'auto' picks Transformer-Engine on a GPU when importable.",
+        default="auto",
+    )
+    freeze_vision: bool = doc("Keep the vision tower frozen during training.", default=False)
+    recompute_activations: bool = doc(
+        "Recompute transformer layer activations in backward to save memory.", default=False
+    )
+
+    def validate(self, prefix: str) -> None:
+        pass
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tensor_parallel_size: int = doc("Trainer tensor-parallel size (language model).", default=1)
+    pipeline_parallel_size: int = doc("Trainer pipeline-parallel size.", default=1)
+    virtual_pipeline_parallel_size: int | None = doc(
+        "Interleaved virtual stages per pipeline rank; None disables interleaving.", default=None
+    )
+    backend: Literal["auto", "nccl", "gloo"] = doc(
+        "torch.distributed backend; 'auto' is nccl with CUDA, gloo without.", default="auto"
+    )
+
+    def validate(self, prefix: str) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}", getattr(self, name), "an integer >= 1")
+        vpp = self.virtual_pipeline_parallel_size
+        if vpp is not None:
+            if vpp < 2:
+                raise ConfigError(f"{prefix}.virtual_pipeline_parallel_size", vpp, "None or an integer >= 2")
+            if self.pipeline_parallel_size < 2:
+                raise ConfigError(
+                    f"{prefix}.virtual_pipeline_parallel_size", vpp,
+                    "None unless pipeline_parallel_size >= 2",
+                )
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    engine: Literal["auto", "vllm", "cpu"] = doc(
+        "Generation engine: vLLM colocated on the GPUs, or the CPU engine with the same interface; "
+        "'auto' picks vLLM when importable with CUDA.",
+        default="auto",
+    )
+    num_generations: int = doc("Group size G: responses sampled per prompt.", default=8)
+    max_new_tokens: int = doc("Maximum tokens generated per response.", default=512)
+    temperature: float = doc("Sampling temperature (also used for training log-probs).", default=1.0)
+    top_p: float = doc("Nucleus sampling threshold in (0, 1].", default=1.0)
+    top_k: int = doc("Top-k sampling; -1 disables.", default=-1)
+    tensor_parallel_size: int = doc(
+        "Rollout engine tensor-parallel size R, independent of the trainer's TP/PP.", default=1
+    )
+    gpu_memory_utilization: float = doc(
+        "Fraction of GPU memory the colocated vLLM engine may take while awake.", default=0.5
+    )
+    sleep_level: Literal[1, 2] = doc(
+        "vLLM sleep level between rollouts: 1 offloads weights to CPU, 2 discards them.", default=1
+    )
+
+    def validate(self, prefix: str) -> None:
+        if self.num_generations < 1:
+            raise ConfigError(f"{prefix}.num_generations", self.num_generations, "an integer >= 1")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"{prefix}.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        if not self.temperature > 0:
+            raise ConfigError(f"{prefix}.temperature", self.temperature, "a float > 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{prefix}.top_p", self.top_p, "a float in (0, 1]")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ConfigError(f"{prefix}.top_k", self.top_k, "-1 or an integer >= 1")
+        if not 0 < self.gpu_memory_utilization < 1:
+            raise ConfigError(
+                f"{prefix}.gpu_memory_utilization", self.gpu_memory_utilization, "a float in (0, 1)"
+            )
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"{prefix}.tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
+
+
+@dataclass(kw_only=True)
+class AlgorithmConfig:
+    name: Literal["grpo", "sft"] = doc(
+        "Training algorithm: GRPO (Visual-RFT) or the supervised fine-tuning baseline.", default="grpo"
+    )
+    advantage_estimator: Literal["grpo", "drgrpo"] = doc(
+        "Group advantage: 'grpo' = (r - mean) / (std + eps); 'drgrpo' = r - mean.", default="grpo"
+    )
+    advantage_batch_std: bool = doc(
+        "Divide advantages by the batch-level std instead of the group std.", default=False
+    )
+    policy_loss: Literal["ppo_clip", "dual_clip", "visual_rft"] = doc(
+        "Policy loss: PPO clipped ratio, dual-clip PPO, or Visual-RFT's unclipped ratio "
+        "(old log-probs = detached current).",
+        default="ppo_clip",
+    )
+    clip_ratio_low: float = doc("Lower clip epsilon: ratio >= 1 - eps_low.", default=0.2)
+    clip_ratio_high: float = doc(
+        "Upper clip epsilon: ratio <= 1 + eps_high (DAPO clip-higher uses 0.28).", default=0.2
+    )
+    dual_clip_c: float = doc("Dual-clip constant c > 1 (used by policy_loss='dual_clip').", default=3.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = doc(
+        "KL(pi || pi_ref) estimator; k3 is the low-variance one GRPO uses.", default="k3"
+    )
+    kl_coef: float = doc("Weight beta of the KL penalty; 0 disables the reference model.", default=0.04)
+    kl_clamp: float = doc("Clamp of the per-token log-ratio in the KL estimate.", default=10.0)
+    loss_agg_mode: Literal[
+        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = doc("How per-token losses are reduced to a scalar.", default="token-mean")
+    entropy_coef: float = doc("Weight of the entropy bonus (0 disables).", default=0.0)
+    ppo_epochs: int = doc("Optimisation passes over each rollout batch.", default=1)
+
+    def validate(self, prefix: str) -> None:
+        for name in ("clip_ratio_low", "clip_ratio_high", "kl_coef", "kl_clamp", "entropy_coef"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ConfigError(f"{prefix}.{name}", value, "a float >= 0")
+        if not self.dual_clip_c > 1:
+            raise ConfigError(f"{prefix}.dual_clip_c", self.dual_clip_c, "a float > 1")
+        if self.ppo_epochs < 1:
+            raise ConfigError(f"{prefix}.ppo_epochs", self.ppo_epochs, "an integer >= 1")
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    lr: float = doc("Peak learning rate.", default=1e-6)
+    weight_decay: float = doc("Decoupled weight decay (AdamW).", default=0.0)
+    betas: tuple[float, float] = doc("Adam betas.", default=(0.9, 0.999))
+    grad_clip: float = doc("Global gradient-norm clip; 0 disables.", default=1.0)
+    warmup_steps: int = doc("Linear warm-up steps.", default=0)
+
+    def validate(self, prefix: str) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"{prefix}.lr", self.lr, "a float > 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{prefix}.betas", self.betas, "two floats in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: Literal["synthetic", "visual_rft", "coco", "lvis", "image_folder", "lisa"] = doc(
+        "Dataset reader: built-in synthetic tasks, the Visual-RFT released table, COCO/LVIS JSON, "
+        "an image folder per class, or LISA-style grounding JSON."
+    )
+    task: Literal["classification", "detection", "grounding"] = doc("Perception task of the run.")
+    path: str | None = doc(
+        "Dataset location (table dir/parquet, annotation JSON, or image root). Unused for synthetic.",
+        default=None,
+    )
+    image_root: str | None = doc("Directory that image paths in the annotations are relative to.", default=None)
+    k_shot: int | None = doc("Examples per category for few-shot sampling; None takes all.", default=None)
+    categories: list[str] | None = doc(
+        "Restrict to these category names (e.g. a base or novel split); None keeps all.", default=None
+    )
+    num_synthetic: int = doc("Number of synthetic examples (source='synthetic').", default=64)
+    seed: int = doc("Seed of sampling and shuffling.", default=0)
+    min_pixels: int = doc("Qwen2-VL image processor: minimum pixels after resize.", default=56 * 56)
+    max_pixels: int = doc("Qwen2-VL image processor: maximum pixels after resize.", default=448 * 448)
+    coord_space: Literal["resized_pixels", "norm_1000", "original_pixels"] = doc(
+        "Coordinate space the model answers boxes in: pixels of the resized image (Qwen2-VL), "
+        "0-1000 normalised, or original image pixels.",
+        default="resized_pixels",
+    )
+    on_error: Literal["raise", "skip"] = doc(
+        "Bad records (missing/corrupt image, invalid boxes): raise naming the record, or skip and "
+        "count by reason (reported at the end; never silent).",
+        default="raise",
+    )
+    prompts_per_step: int = doc("Prompts per optimisation step (before x num_generations).", default=8)
+
+    def validate(self, prefix: str) -> None:
+        if self.source != "synthetic" and not self.path:
+            raise ConfigError(f"{prefix}.path", self.path, f"a path (required when source={self.source!r})")
+        if self.k_shot is not None and self.k_shot < 1:
+            raise ConfigError(f"{prefix}.k_shot", self.k_shot, "None or an integer >= 1")
+        if self.min_pixels < 1 or self.max_pixels < self.min_pixels:
+            raise ConfigError(f"{prefix}.max_pixels", self.max_pixels, f"an integer >= min_pixels ({self.min_pixels})")
+        if self.num_synthetic < 1:
+            raise ConfigError(f"{prefix}.num_synthetic", self.num_synthetic, "an integer >= 1")
+        if self.prompts_per_step < 1:
+            raise ConfigError(f"{prefix}.prompts_per_step", self.prompts_per_step, "an integer >= 1")
+
+
+@dataclass(kw_only=True)
+class RewardTerm:
+    name: str = doc("Registered reward function name (see megatron_vrft.rewards).")
+    weight: float = doc("Weight of this reward in the sum.", default=1.0)
+
+    def validate(self, prefix: str) -> None:
+        pass
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    terms: list[RewardTerm] = doc(
+        "Rewards and weights; the total reward is their weighted sum.",
+        default_factory=lambda: [RewardTerm(name="format"), RewardTerm(name="accuracy")],
+    )
+    classification_mode: Literal["robust", "visual_rft_compat"] = doc(
+        "Classification matching: 'robust' (exact or whole-phrase match, synonyms; empty answers "
+        "never score) or the published substring rule, kept to reproduce the paper.",
+        default="robust",
+    )
+    matching: Literal["greedy", "hungarian"] = doc(
+        "Detection prediction-to-ground-truth matching: confidence-ordered greedy (published) or "
+        "optimal (Hungarian).",
+        default="greedy",
+    )
+    iou_threshold: float = doc("IoU above which a predicted box matches a ground-truth box.", default=0.5)
+
+    def validate(self, prefix: str) -> None:
+        if not self.terms:
+            raise ConfigError(f"{prefix}.terms", self.terms, "a non-empty list of {name, weight}")
+        seen: set[str] = set()
+        for i, term in enumerate(self.terms):
+            if term.name in seen:
+                raise ConfigError(f"{prefix}.terms[{i}].name", term.name, "a name not listed twice")
+            seen.add(term.name)
+        if not 0 < self.iou_threshold < 1:
+            raise ConfigError(f"{prefix}.iou_threshold", self.iou_threshold, "a float in (0, 1)")
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    num_steps: int = doc("Optimisation steps (one rollout batch each).", default=100)
+    micro_batch_tokens: int = doc("Token budget of one training micro-batch.", default=8192)
+    seed: int = doc("Global seed (model init, sampling).", default=1234)
+    output_dir: str = doc("Run directory: checkpoints, metrics, plots.", default="outputs/run")
+    save_interval: int = doc("Steps between checkpoints; 0 saves only at the end.", default=0)
+    resume: bool = doc("Resume from the newest complete checkpoint in output_dir.", default=True)
+
+    def validate(self, prefix: str) -> None:
+        if self.num_steps < 1:
+            raise ConfigError(f"{prefix}.num_steps", self.num_steps, "an integer >= 1")
+        if self.micro_batch_tokens < 1:
+            raise ConfigError(f"{prefix}.micro_batch_tokens", self.micro_batch_tokens, "an integer >= 1")
+        if self.save_interval < 0:
+            raise ConfigError(f"{prefix}.save_interval", self.save_interval, "an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    log_interval: int = doc("Steps between metric lines.", default=1)
+    progress_bar: bool = doc("Show tqdm progress bars on long work.", default=True)
+    plots: bool = doc("Write PNG plots of metrics to output_dir.", default=True)
+    jsonl: bool = doc("Append metrics to output_dir/metrics.jsonl.", default=True)
+
+    def validate(self, prefix: str) -> None:
+        if self.log_interval < 1:
+            raise ConfigError(f"{prefix}.log_interval", self.log_interval, "an integer >= 1")
+
+
+@dataclass(kw_only=True)
+class VisualRFTConfig:
+    """A whole run. Sections map 1:1 to YAML top-level keys."""
+
+    model: ModelConfig = doc("Policy model.")
+    data: DataConfig = doc("Dataset and preprocessing.")
+    parallel: ParallelConfig = doc("Trainer parallel layout.", default_factory=ParallelConfig)
+    rollout: RolloutConfig = doc("Generation.", default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = doc("RL algorithm.", default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = doc("Optimiser.", default_factory=OptimizerConfig)
+    reward: RewardConfig = doc("Rewards.", default_factory=RewardConfig)
+    trainer: TrainerConfig = doc("Loop, checkpoints.", default_factory=TrainerConfig)
+    logging: LoggingConfig = doc("Metrics and plots.", default_factory=LoggingConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        pass

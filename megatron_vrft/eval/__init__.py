@@ -1,0 +1,1 @@
+"""Evaluation metrics: classification accuracy, COCO/LVIS box mAP (pycocotools), grounding IoU."""

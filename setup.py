@@ -1,0 +1,94 @@
+"""megatron_vrft: Visual Reinforcement Fine-Tuning (GRPO) for Qwen2-VL on megatron-core.
+
+The CUDA extension in ``kernels/`` is optional: it is built only when a CUDA toolkit and a CUDA
+build of torch are both present (``MEGATRON_VRFT_BUILD_CUDA=0`` disables it). Everything else is
+pure Python; the package imports and passes its tests without the extension.
+"""
+
+import os
+
+from setuptools import find_packages, setup
+
+# torch must already be installed (tools/install.sh installs the CPU wheel first); a bare
+# requirement here would pull a multi-GB CUDA build on machines without a GPU.
+INSTALL_REQUIRES = [
+    "torch>=2.6",
+    "numpy",
+    "packaging",
+    "psutil",
+    "pyyaml",
+    "tqdm",
+    "pillow",
+    "scipy",
+    "safetensors",
+    "tokenizers",
+    "transformers>=5.0",
+    "megatron-core>=0.16.1",
+    "pycocotools>=2.0.8",
+    "datasets",
+    "matplotlib",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest>=8",
+        "pytest-xdist",
+        "hypothesis>=6.100",
+        "triton>=3.3",
+        "scikit-image",
+        "scikit-learn",
+    ],
+    # GPU hosts: megatron-core's GPU companions and the rollout engine.
+    "gpu": [
+        "triton>=3.3",
+        "transformer-engine[pytorch]",
+        "flash-attn",
+        "vllm",
+    ],
+    "demo": ["scikit-image", "scikit-learn"],
+}
+
+
+def _cuda_extension():
+    """Return (ext_modules, cmdclass) for the optional CUDA extension, or empty lists."""
+    if os.environ.get("MEGATRON_VRFT_BUILD_CUDA", "1") == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except Exception:
+        return [], {}
+    if CUDA_HOME is None or torch.version.cuda is None:
+        return [], {}
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = [
+        os.path.join("kernels", name)
+        for name in sorted(os.listdir(os.path.join(here, "kernels")))
+        if name.endswith((".cu", ".cpp")) and not name.startswith("test_")
+    ]
+    if not sources:
+        return [], {}
+    ext = CUDAExtension(
+        name="megatron_vrft_cuda",
+        sources=sources,
+        include_dirs=[os.path.join(here, "kernels")],
+        define_macros=[("MEGATRON_VRFT_TORCH_EXTENSION", "1")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _cuda_extension()
+
+setup(
+    name="megatron_vrft",
+    version="0.1.0",
+    description="Visual-RFT (GRPO) trainer for Qwen2-VL on megatron-core",
+    packages=find_packages(include=["megatron_vrft", "megatron_vrft.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={"console_scripts": []},
+)
