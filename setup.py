@@ -27,6 +27,8 @@ INSTALL_REQUIRES = [
     "pycocotools>=2.0.8",
     "datasets",
     "matplotlib",
+    # Kernels: Triton runs on GPUs and, interpreted (TRITON_INTERPRET=1), on CPU tensors.
+    "triton>=3.3",
 ]
 
 EXTRAS = {
@@ -50,7 +52,13 @@ EXTRAS = {
 
 
 def _cuda_extension():
-    """Return (ext_modules, cmdclass) for the optional CUDA extension, or empty lists."""
+    """Return (ext_modules, cmdclass) for the optional CUDA extension, or empty lists.
+
+    Built only with a CUDA toolkit (CUDA_HOME) and a CUDA build of torch; the package works without
+    it. Sources: every kernels/*.cu (each registers its ops with TORCH_LIBRARY_FRAGMENT when
+    MEGATRON_VRFT_TORCH_EXTENSION is defined) plus kernels/common/*.cpp (the Python module init).
+    Architectures default to sm_80 + sm_90 (TORCH_CUDA_ARCH_LIST overrides).
+    """
     if os.environ.get("MEGATRON_VRFT_BUILD_CUDA", "1") == "0":
         return [], {}
     try:
@@ -61,19 +69,26 @@ def _cuda_extension():
     if CUDA_HOME is None or torch.version.cuda is None:
         return [], {}
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = [
-        os.path.join("kernels", name)
-        for name in sorted(os.listdir(os.path.join(here, "kernels")))
-        if name.endswith((".cu", ".cpp")) and not name.startswith("test_")
-    ]
-    if not sources:
+    sources = []
+    for folder in ("kernels", os.path.join("kernels", "common")):
+        if not os.path.isdir(os.path.join(here, folder)):
+            continue
+        sources += [
+            os.path.join(folder, name)
+            for name in sorted(os.listdir(os.path.join(here, folder)))
+            if name.endswith((".cu", ".cpp")) and not name.startswith("test_")
+        ]
+    if not any(src.endswith(".cu") for src in sources):
         return [], {}
+    # Read by torch's BuildExtension; without it torch targets the build machine's GPU only.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     ext = CUDAExtension(
         name="megatron_vrft_cuda",
         sources=sources,
         include_dirs=[os.path.join(here, "kernels")],
         define_macros=[("MEGATRON_VRFT_TORCH_EXTENSION", "1")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
+        # No --use_fast_math: approximate division would break agreement with the references.
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -120,13 +120,12 @@ class AlgorithmConfig:
     name: Literal["grpo", "sft"] = doc(
         "Training algorithm: GRPO (Visual-RFT) or the supervised fine-tuning baseline.", default="grpo"
     )
-    advantage_estimator: Literal["grpo", "drgrpo"] = doc(
-        "Group advantage: 'grpo' = (r - mean) / (std + eps); 'drgrpo' = r - mean.", default="grpo"
+    advantage_estimator: Literal["grpo", "drgrpo", "grpo_batch_std"] = doc(
+        "Group advantage: 'grpo' = (r - group mean) / (group std + eps); 'drgrpo' = r - group "
+        "mean; 'grpo_batch_std' = (r - group mean) / (batch std + eps).",
+        default="grpo",
     )
-    advantage_batch_std: bool = doc(
-        "Divide advantages by the batch-level std instead of the group std.", default=False
-    )
-    policy_loss: Literal["ppo_clip", "dual_clip", "visual_rft"] = doc(
+    policy_loss: Literal["ppo_clip", "dual_clip", "visual_rft_unclipped"] = doc(
         "Policy loss: PPO clipped ratio, dual-clip PPO, or Visual-RFT's unclipped ratio "
         "(old log-probs = detached current).",
         default="ppo_clip",
@@ -193,10 +192,16 @@ class DataConfig:
     seed: int = doc("Seed of sampling and shuffling.", default=0)
     min_pixels: int = doc("Qwen2-VL image processor: minimum pixels after resize.", default=56 * 56)
     max_pixels: int = doc("Qwen2-VL image processor: maximum pixels after resize.", default=448 * 448)
-    coord_space: Literal["resized_pixels", "norm_1000", "original_pixels"] = doc(
-        "Coordinate space the model answers boxes in: pixels of the resized image (Qwen2-VL), "
-        "0-1000 normalised, or original image pixels.",
-        default="resized_pixels",
+    coord_space: Literal["pixels_resized", "norm_1000", "pixels_original"] = doc(
+        "Coordinate space the model answers boxes in: pixels of the resized image it sees "
+        "(Qwen2-VL), 0-1000 normalised, or original image pixels. Ground truth is mapped into it "
+        "during preprocessing.",
+        default="pixels_resized",
+    )
+    annotation_coord_space: Literal["pixels_original", "pixels_resized", "norm_1000", "norm_1"] = doc(
+        "Space the dataset's boxes are stored in, for sources that do not record it "
+        "(the Visual-RFT table).",
+        default="pixels_original",
     )
     on_error: Literal["raise", "skip"] = doc(
         "Bad records (missing/corrupt image, invalid boxes): raise naming the record, or skip and "
@@ -233,10 +238,10 @@ class RewardConfig:
         "Rewards and weights; the total reward is their weighted sum.",
         default_factory=lambda: [RewardTerm(name="format"), RewardTerm(name="accuracy")],
     )
-    classification_mode: Literal["robust", "visual_rft_compat"] = doc(
-        "Classification matching: 'robust' (exact or whole-phrase match, synonyms; empty answers "
+    classification_mode: Literal["default", "visual_rft_compat"] = doc(
+        "Classification matching: 'default' (exact or whole-phrase match, synonyms; empty answers "
         "never score) or the published substring rule, kept to reproduce the paper.",
-        default="robust",
+        default="default",
     )
     matching: Literal["greedy", "hungarian"] = doc(
         "Detection prediction-to-ground-truth matching: confidence-ordered greedy (published) or "

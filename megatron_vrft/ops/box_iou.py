@@ -20,6 +20,7 @@ Formulas (``A``, ``B`` boxes; ``C`` their smallest enclosing box)::
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Literal
 
 import torch
@@ -113,6 +114,7 @@ def box_iou_elementwise_reference(
     return _iou_giou_from_corners(boxes1.to(dtype), boxes2.to(dtype), mode)
 
 
+@functools.cache  # one attempt per process: a failed import is not cached by Python
 def _register_builtin_impls() -> None:
     """Register the in-tree kernels once, if their backends import (both are optional)."""
     if "triton" not in _IMPLS:

@@ -1,0 +1,1 @@
+"""Model definitions (megatron-core language models + HF vision towers)."""
