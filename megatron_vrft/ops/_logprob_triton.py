@@ -133,13 +133,18 @@ def logprob_stats_triton(
     vocab_start: int,
     inv_temperature: float,
     with_entropy: bool,
+    block_v: int | None = None,
 ) -> torch.Tensor:
-    """``logits (N, V)`` unit-stride rows, ``targets (N,)`` int64 -> stats ``(N, 3)`` fp32."""
+    """``logits (N, V)`` unit-stride rows, ``targets (N,)`` int64 -> stats ``(N, 3)`` fp32.
+
+    ``block_v`` (a power of two) overrides the vocabulary block size, for tests of the multi-block
+    path at small V.
+    """
     num_rows, num_cols = logits.shape
     stats = torch.empty((num_rows, 3), dtype=torch.float32, device=logits.device)
     if num_rows == 0:
         return stats
-    block_v = _block_v(num_cols)
+    block_v = block_v or _block_v(num_cols)
     _logprob_stats_kernel[(num_rows,)](
         logits,
         targets,
@@ -165,13 +170,14 @@ def logprob_backward_triton(
     vocab_start: int,
     inv_temperature: float,
     out: torch.Tensor,
+    block_v: int | None = None,
 ) -> torch.Tensor:
     """Write ``dL/dlogits`` into ``out (N, V)`` (may be ``logits`` itself) and return it."""
     num_rows, num_cols = logits.shape
     if num_rows == 0:
         return out
     with_entropy = entropy is not None
-    block_v = _block_v(num_cols)
+    block_v = block_v or _block_v(num_cols)
     _logprob_backward_kernel[(num_rows,)](
         logits,
         out,

@@ -191,6 +191,40 @@ def test_vocabulary_block_stats_combine_to_whole_row(backend_name):
         torch.testing.assert_close(merged[:, 2].double(), want_ent, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("masked_head", [False, True], ids=["random", "first-blocks-masked"])
+def test_triton_multi_block_path_matches_oracle(masked_head):
+    """Small vocabulary blocks force the online rescaling across blocks (a new max in a later
+    block, and with a masked head, blocks that are entirely -inf before any finite value)."""
+    from megatron_vrft.ops import _logprob_triton
+
+    x, targets, g_lp, g_ent = _random_case((37,), 1000, torch.bfloat16, seed=13)
+    x[:, 900:] += 6  # the row max arrives in the last blocks
+    if masked_head:
+        x[:, :300] = float("-inf")
+        targets = targets.clamp(min=300)  # a masked target has log-prob -inf; not the point here
+    z_lse = torch.logsumexp(x.float() / 0.7, -1)
+    stats = _logprob_triton.logprob_stats_triton(x, targets, 0, 1 / 0.7, True, block_v=128)
+    want_lp, want_ent = _oracle(x.masked_fill(torch.isinf(x), -1e30), targets, 0.7)
+    torch.testing.assert_close(stats[:, 0], z_lse, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close((stats[:, 1] - stats[:, 0]).double(), want_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats[:, 2].double(), want_ent, rtol=1e-5, atol=1e-5)
+    lse, ent = stats[:, 0].contiguous(), stats[:, 2].contiguous()
+    grad = _logprob_triton.logprob_backward_triton(
+        x, targets, lse, ent, g_lp, g_ent, 0, 1 / 0.7, torch.empty_like(x), block_v=128
+    )
+    _, _, want_grad = _oracle_grad(x.masked_fill(torch.isinf(x), -1e30), targets, g_lp, g_ent, 0.7, True)
+    _assert_grad_close(grad, want_grad)
+
+
+def test_vocabulary_wider_than_one_block():
+    x, targets, g_lp, g_ent = _random_case((5,), 9000, torch.float32, seed=17)
+    logprobs, ent, grad = _run(x, targets, g_lp, g_ent, 1.1, True)
+    want_lp, want_ent, want_grad = _oracle_grad(x, targets, g_lp, g_ent, 1.1, True)
+    torch.testing.assert_close(logprobs.double(), want_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), want_ent, rtol=1e-5, atol=1e-5)
+    _assert_grad_close(grad, want_grad)
+
+
 def test_float64_and_torch_impl_use_the_reference():
     x, targets, g_lp, _ = _random_case((37,), 1000, torch.float64, seed=1)
     assert select_backend("auto", x) is None and select_backend("torch", x.float()) is None

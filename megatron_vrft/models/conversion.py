@@ -1,0 +1,608 @@
+"""HF safetensors <-> Megatron distributed checkpoints for Qwen2-VL / Qwen2.5-VL, streamed.
+
+Megatron format: megatron-core ``dist_checkpointing`` (``torch_dist`` backend), with the keys
+megatron-core's own ``GPTModel.sharded_state_dict(prefix="language_model.")`` uses, plus the
+replicated ``vision.*`` tensors:
+
+* decoder layers are stacked along a leading layer axis: ``language_model.decoder.layers.<suffix>``
+  of global shape ``(num_layers, ...)``, with the local spec's norms under their fused-TE names
+  (``self_attention.linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``), as mcore's
+  ``sharded_state_dict_keys_map`` does;
+* tensor-parallel tensors are stored as TP chunks of their global (unsharded) tensor; ``linear_fc1``
+  as ``[gate ; up]`` (mcore's swiglu factory layout), ``linear_qkv`` in mcore's grouped layout;
+* tied embeddings store only ``embedding.word_embeddings.weight`` (mcore maps the output layer to it).
+
+Such a checkpoint has no fixed TP/PP: megatron-core loads it at any TP/PP (``tp_size`` here only
+chooses how the tensors are chunked on disk), and :class:`MegatronCheckpointReader` reads any
+region of it in one process. A JSON sidecar (``CHECKPOINT_META_FILE``) records the HF config and
+the vocabulary padding so the checkpoint converts back without outside information.
+
+Memory: HF tensors are read lazily (``safe_open``) one decoder layer at a time; each converted layer
+is staged to disk and memory-mapped back, so the single ``dist_checkpointing.save`` call reads file
+pages rather than holding the model in anonymous memory. Export reads one layer's regions at a time
+and writes safetensors shards as they fill. Outputs are written to a temporary directory and renamed
+into place, so an interrupted conversion leaves no half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from megatron_vrft.models.qwen2_vl.arch import Qwen2VLArch
+from megatron_vrft.models.qwen2_vl.state_dict_adapter import (
+    LM,
+    VISION,
+    as_arch,
+    hf_hub_name,
+    hf_param_names,
+    hf_tensor_from_megatron,
+    hf_to_megatron_shard,
+)
+
+CHECKPOINT_META_FILE = "megatron_vrft_checkpoint.json"
+FORMAT_VERSION = 1
+_LAYERS = LM + "decoder.layers."
+# Local-spec norm names -> the names mcore uses for them in distributed checkpoints (TE names).
+_CKPT_NORM_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+# Tensor-parallel split axis of each tensor (without the layer axis); "swiglu": [gate ; up] rows.
+_TP_AXIS: dict[str, int | str] = {
+    "self_attention.linear_qkv.weight": 0,
+    "self_attention.linear_qkv.bias": 0,
+    "self_attention.linear_proj.weight": 1,
+    "mlp.linear_fc1.weight": "swiglu",
+    "mlp.linear_fc2.weight": 1,
+    LM + "embedding.word_embeddings.weight": 0,
+    LM + "output_layer.weight": 0,
+}
+# Linear layers whose (empty) ``_extra_state`` mcore's sharded_state_dict lists per decoder layer.
+_EXTRA_STATE_MODULES = (
+    "self_attention.linear_qkv",
+    "self_attention.linear_proj",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# HF side
+
+
+class HfCheckpointReader:
+    """Lazy reader of an HF safetensors checkpoint (one file or a sharded index), by hub name."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors or model.safetensors.index.json in {self.path}")
+            weight_map = {}
+        self._handles = {f: safe_open(str(self.path / f), framework="pt") for f in files}
+        if not weight_map:
+            weight_map = {k: f for f, h in self._handles.items() for k in h.keys()}
+        self._where: dict[str, tuple[str, str]] = {}
+        for stored, f in weight_map.items():
+            hub = hf_hub_name(stored)
+            if hub in self._where:
+                raise ValueError(f"HF checkpoint {self.path} holds {hub!r} twice (as {stored!r})")
+            self._where[hub] = (f, stored)
+
+    def names(self) -> list[str]:
+        """Hub names of every tensor in the checkpoint."""
+        return list(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor by hub (or in-memory) name; ``KeyError`` naming it when absent."""
+        hub = hf_hub_name(name)
+        if hub not in self._where:
+            raise KeyError(f"HF tensor {hub!r} missing from {self.path}")
+        f, stored = self._where[hub]
+        return self._handles[f].get_tensor(stored)
+
+    def config(self) -> dict:
+        """``config.json`` as a dict."""
+        return json.loads((self.path / "config.json").read_text())
+
+
+def check_hf_names(names: Iterable[str], arch: Qwen2VLArch | Any) -> None:
+    """Raise ``ValueError`` listing missing and unexpected HF tensor names (hub naming)."""
+    a = as_arch(arch)
+    have = {hf_hub_name(n) for n in names}
+    expected = set(hf_param_names(a))
+    missing = sorted(expected - have)
+    # A tied checkpoint may carry a redundant lm_head copy; it is ignored.
+    unexpected = sorted(have - expected - ({"lm_head.weight"} if a.tie_word_embeddings else set()))
+    if missing or unexpected:
+        raise ValueError(f"HF checkpoint does not match the {a.family} config: missing {missing[:20]}"
+                         f"{' ...' if len(missing) > 20 else ''}; unexpected {unexpected[:20]}"
+                         f"{' ...' if len(unexpected) > 20 else ''}")  # fmt: skip
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+
+
+class _SafetensorsShardWriter:
+    """Writes one safetensors file tensor by tensor, holding none of them.
+
+    The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
+    data_offsets; padded with spaces to 8 bytes) and the raw little-endian row-major data. The
+    header needs every tensor's offsets, so data goes to a side file first and is copied behind the
+    header on :meth:`close` (a disk copy, no memory)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._data_path = path.with_suffix(".data")
+        self._data = open(self._data_path, "wb")
+        self._header: dict[str, Any] = {}
+        self.num_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} has no safetensors code")
+        t = tensor.detach().contiguous().cpu()
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        self._data.write(memoryview(raw))
+        size = t.numel() * t.element_size()
+        self._header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.num_bytes, self.num_bytes + size]}  # fmt: skip
+        self.num_bytes += size
+
+    def close(self) -> list[str]:
+        self._data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+        os.remove(self._data_path)
+        return list(self._header)
+
+
+def write_hf_checkpoint(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    out_dir: str | os.PathLike,
+    *,
+    config: dict,
+    max_shard_bytes: int = 4 * 2**30,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``(hub name, tensor)`` pairs as safetensors shards + index + ``config.json``, atomically.
+
+    Each tensor goes to disk as it arrives (memory holds only the tensor being written); a shard
+    closes before the tensor that would take it past ``max_shard_bytes``.
+    """
+    with _atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        files: list[tuple[str, list[str]]] = []
+        seen: set[str] = set()
+        writer: _SafetensorsShardWriter | None = None
+        total = 0
+        for name, t in tensors:
+            if name in seen:
+                raise ValueError(f"tensor {name!r} written twice")
+            seen.add(name)
+            size = t.numel() * t.element_size()
+            if writer is not None and writer.num_bytes and writer.num_bytes + size > max_shard_bytes:
+                files.append((writer.path.name, writer.close()))
+                writer = None
+            if writer is None:
+                writer = _SafetensorsShardWriter(tmp / f"part-{len(files) + 1:05d}.safetensors")
+            writer.add(name, t)
+            total += size
+        if writer is not None:
+            files.append((writer.path.name, writer.close()))
+        weight_map = {}
+        for i, (name, keys) in enumerate(files):
+            final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            os.rename(tmp / name, tmp / final)
+            weight_map.update({k: final for k in keys})
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Megatron side: writing
+
+
+def megatron_checkpoint_key(name: str) -> tuple[str, int | None]:
+    """Full module name (global layer index) -> (dist-checkpoint key, layer index or None)."""
+    if name.startswith(_LAYERS):
+        layer, suffix = name[len(_LAYERS) :].split(".", 1)
+        return _LAYERS + _CKPT_NORM_NAMES.get(suffix, suffix), int(layer)
+    return name, None
+
+
+def _tp_chunks(name: str, tensor: torch.Tensor, *, tp_size: int) -> list[tuple[torch.Tensor, tuple[int, int, int] | None]]:
+    """``tensor`` (full, unsharded) cut into its stored TP chunks: ``(view, tp offset)``.
+
+    The offset ``(axis without the layer axis, fragment index, fragments)`` is None for replicated
+    tensors."""
+    _, layer = megatron_checkpoint_key(name)
+    axis = _TP_AXIS.get(name[len(_LAYERS) :].split(".", 1)[1] if layer is not None else name)
+    if axis is None or (tp_size == 1 and axis != "swiglu"):
+        return [(tensor, None)]
+    if axis == "swiglu":  # same layout as mcore's apply_swiglu_sharded_factory
+        gate, up = torch.chunk(tensor, 2, dim=0)
+        return [
+            *((c, (0, r, 2 * tp_size)) for r, c in enumerate(torch.chunk(gate, tp_size, dim=0))),
+            *((c, (0, tp_size + r, 2 * tp_size)) for r, c in enumerate(torch.chunk(up, tp_size, dim=0))),
+        ]
+    return [(c, (axis, r, tp_size)) for r, c in enumerate(torch.chunk(tensor, tp_size, dim=axis))]
+
+
+def _sharded_tensor(name: str, chunk: torch.Tensor, tp_offset: tuple[int, int, int] | None, *, num_layers: int) -> Any:
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    key, layer = megatron_checkpoint_key(name)
+    prepend = ((0, layer, num_layers),) if layer is not None else ()
+    n = len(prepend)
+    offsets = (*prepend, (tp_offset[0] + n, tp_offset[1], tp_offset[2])) if tp_offset else prepend
+    return ShardedTensor.from_rank_offsets(key, chunk, *offsets, replica_id=0, prepend_axis_num=n)
+
+
+def _extra_state_objects(layer: int, num_layers: int) -> dict[str, Any]:
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    return {
+        f"{_LAYERS}{layer}.{m}._extra_state": ShardedObject(
+            f"{_LAYERS}{m}._extra_state", None, (num_layers,), (layer,), replica_id=0
+        )
+        for m in _EXTRA_STATE_MODULES
+    }
+
+
+def save_megatron_checkpoint(
+    get_hf_tensor: Callable[[str], torch.Tensor],
+    arch: Qwen2VLArch | Any,
+    out_dir: str | os.PathLike,
+    *,
+    tp_size: int = 1,
+    pp_size: int = 1,
+    vocab_padded_size: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write a Megatron distributed checkpoint from HF tensors (``get_hf_tensor(hub_name)``).
+
+    ``tp_size`` chooses the on-disk chunking; ``pp_size`` is only validated (a distributed checkpoint
+    stores each layer separately, so every PP layout loads it). Needs ``torch.distributed``; a
+    one-process gloo group is created (and destroyed) when none exists.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_vrft.models.qwen2_vl.state_dict_adapter import _check_parallel, pipeline_layer_ranges
+
+    a = as_arch(arch)
+    vp = vocab_padded_size or a.vocab_size
+    _check_parallel(a, tp_size, vp)
+    pipeline_layer_ranges(a.num_layers, pp_size)
+    num_layers = a.num_layers
+    with _atomic_dir(out_dir, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory(
+        dir=Path(tmp).parent, prefix=".staging-"
+    ) as staging:
+        sharded: dict[str, Any] = {}
+        for layer in tqdm(range(num_layers), desc="HF -> Megatron", unit="layer", disable=not progress):
+            # The one-layer "pipeline stage" `layer` of a num_layers-stage split is exactly this
+            # layer (plus vision/embedding on the first, final norm/output on the last), unsharded.
+            part = hf_to_megatron_shard(
+                get_hf_tensor, a, tp_rank=0, tp_size=1, pp_rank=layer, pp_size=num_layers, vocab_padded_size=vp
+            )
+            part = {_globalize(k, layer): v for k, v in part.items()}
+            if a.tie_word_embeddings:
+                part.pop(LM + "output_layer.weight", None)
+            # Each chunk becomes its own contiguous storage: the writer would otherwise copy views,
+            # all at once. The original tensor is dropped as soon as it is cut.
+            staged, offsets = {}, {}
+            for name in list(part):
+                for i, (chunk, tp_offset) in enumerate(_tp_chunks(name, part.pop(name), tp_size=tp_size)):
+                    staged[f"{name}#{i}"] = chunk.clone(memory_format=torch.contiguous_format)
+                    offsets[f"{name}#{i}"] = (name, tp_offset)
+            path = Path(staging) / f"layer{layer:05d}.pt"
+            torch.save(staged, path)
+            del staged, part
+            # Memory-mapped: the writer reads file pages, which the kernel can drop, not anonymous memory.
+            for entry, tensor in torch.load(path, mmap=True, weights_only=True).items():
+                name, tp_offset = offsets[entry]
+                sharded[entry] = _sharded_tensor(name, tensor, tp_offset, num_layers=num_layers)
+            sharded.update(_extra_state_objects(layer, num_layers))
+        with _process_group():
+            _patch_dist_checkpointing_for_cpu()
+            dist_checkpointing.save(sharded, str(tmp))
+        del sharded
+        write_checkpoint_meta(tmp, a, vocab_padded_size=vp)
+    return Path(out_dir)
+
+
+def write_checkpoint_meta(ckpt_dir: str | os.PathLike, arch: Qwen2VLArch | Any, *, vocab_padded_size: int | None = None) -> None:
+    """Write the JSON sidecar (HF config, vocabulary padding) into a distributed checkpoint directory.
+
+    The converter writes it itself; a trainer saving with :func:`build_policy_sharded_state_dict`
+    calls this once (rank 0) so the checkpoint converts back to HF without outside information.
+    """
+    a = as_arch(arch)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "hf_config": a.hf_config.to_dict(),
+        "vocab_padded_size": vocab_padded_size or a.vocab_size,
+    }
+    (Path(ckpt_dir) / CHECKPOINT_META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _globalize(name: str, layer: int) -> str:
+    """``…decoder.layers.0.X`` of a one-layer stage -> ``…decoder.layers.{layer}.X``."""
+    if name.startswith(_LAYERS):
+        return f"{_LAYERS}{layer}.{name[len(_LAYERS) :].split('.', 1)[1]}"
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Megatron side: reading any region in one process
+
+
+class MegatronCheckpointReader:
+    """Reads full tensors (or single layers of stacked ones) from a distributed checkpoint.
+
+    Uses torch.distributed.checkpoint's reader with a planner that fetches only the requested
+    region, so one process can read a checkpoint written by any number of ranks at any TP/PP.
+    """
+
+    def __init__(self, ckpt_dir: str | os.PathLike) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.path = Path(ckpt_dir)
+        meta_path = self.path / CHECKPOINT_META_FILE
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path} missing: not a checkpoint written by megatron_vrft")
+        self.meta = json.loads(meta_path.read_text())
+        self.arch = as_arch(self.meta["hf_config"])
+        self.vocab_padded_size: int = self.meta["vocab_padded_size"]
+        self._reader = FileSystemReader(str(self.path))
+        self._md = self._reader.read_metadata()
+        self._reader.set_up_storage_reader(self._md, True)
+        self._layer_cache: tuple[int | None, dict[str, torch.Tensor]] = (None, {})
+
+    def keys(self) -> list[str]:
+        """Checkpoint keys of the stored tensors."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        return [k for k, v in self._md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)]
+
+    def read(self, key: str, offsets: tuple[int, ...] | None = None, sizes: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Region ``[offsets, offsets + sizes)`` of checkpoint tensor ``key`` (whole tensor by default)."""
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        md = self._md.state_dict_metadata.get(key)
+        if not isinstance(md, TensorStorageMetadata):
+            raise KeyError(f"Megatron checkpoint key {key!r} missing from {self.path}")
+        offsets = tuple(offsets or (0,) * len(md.size))
+        sizes = tuple(sizes or md.size)
+        dest = torch.empty(sizes, dtype=md.properties.dtype)
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+        items = create_read_items_for_chunk_list(key, md, [chunk])
+        self._reader.read_data(_RegionLoadPlan(items), _RegionPlanner(dest)).wait()
+        return dest
+
+    def get_megatron(self, name: str) -> torch.Tensor:
+        """Full tensor of a module name with a GLOBAL layer index (``language_model.decoder.layers.{L}.…``).
+
+        Tensors of the current layer are cached (q, k and v share one fused read)."""
+        key, layer = megatron_checkpoint_key(name)
+        if layer is None:
+            return self.read(key)
+        cached_layer, cache = self._layer_cache
+        if cached_layer != layer:
+            cache = {}
+            self._layer_cache = (layer, cache)
+        if name not in cache:
+            md = self._md.state_dict_metadata.get(key)
+            if md is None:
+                raise KeyError(f"Megatron checkpoint key {key!r} missing from {self.path}")
+            cache[name] = self.read(key, (layer,) + (0,) * (len(md.size) - 1), (1, *md.size[1:]))[0]
+        return cache[name]
+
+    def hf_tensor(self, name: str) -> torch.Tensor:
+        """One HF tensor by hub name (vocabulary padding dropped)."""
+        return hf_tensor_from_megatron(name, self.get_megatron, self.arch)
+
+    def iter_hf(self, *, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every HF tensor, in order, one layer in memory at a time."""
+        for name in tqdm(hf_param_names(self.arch), desc="Megatron -> HF", unit="tensor", disable=not progress):
+            yield name, self.hf_tensor(name)
+
+    def load_shard(
+        self, *, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int, layer_spec: str = "local",
+        vocab_padded_size: int | None = None,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The ``(tp_rank, pp_rank)`` shard at any TP/PP (resharding), as ``hf_to_megatron_shard`` names it."""
+        return hf_to_megatron_shard(
+            self.hf_tensor, self.arch, tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size,
+            layer_spec=layer_spec, vocab_padded_size=vocab_padded_size or self.vocab_padded_size,
+        )  # fmt: skip
+
+
+class _RegionLoadPlan:
+    """A minimal LoadPlan (only ``items`` is read by FileSystemReader.read_data)."""
+
+    def __init__(self, items: list) -> None:
+        self.items = items
+        self.storage_data = None
+        self.planner_data = None
+
+
+class _RegionPlanner:
+    """Writes every read item into ``dest`` (the requested region) at its destination offsets."""
+
+    def __init__(self, dest: torch.Tensor) -> None:
+        self.dest = dest
+
+    def resolve_tensor(self, read_item: Any) -> torch.Tensor:
+        region = self.dest
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            region = region.narrow(dim, start, length)
+        return region
+
+    def commit_tensor(self, read_item: Any, tensor: torch.Tensor) -> None:
+        pass
+
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        raise RuntimeError("unexpected non-tensor item in a region read")
+
+
+# ----------------------------------------------------------------------------------------------
+# End-to-end conversions
+
+
+def convert_hf_to_megatron(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tp_size: int = 1,
+    pp_size: int = 1,
+    vocab_padded_size: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """HF safetensors directory -> Megatron distributed checkpoint (see module docstring)."""
+    reader = HfCheckpointReader(hf_dir)
+    arch = as_arch(reader.config())
+    check_hf_names(reader.names(), arch)
+    return save_megatron_checkpoint(
+        reader.get, arch, out_dir, tp_size=tp_size, pp_size=pp_size,
+        vocab_padded_size=vocab_padded_size, overwrite=overwrite, progress=progress,
+    )  # fmt: skip
+
+
+def convert_megatron_to_hf(
+    ckpt_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 4 * 2**30,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Megatron distributed checkpoint (any TP/PP) -> HF safetensors directory with hub names."""
+    reader = MegatronCheckpointReader(ckpt_dir)
+    return write_hf_checkpoint(
+        reader.iter_hf(progress=progress), out_dir, config=reader.meta["hf_config"],
+        max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+    )  # fmt: skip
+
+
+def reshard_megatron_checkpoint(
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tp_size: int,
+    pp_size: int = 1,
+    vocab_padded_size: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Rewrite a checkpoint with another on-disk TP chunking and/or vocabulary padding."""
+    reader = MegatronCheckpointReader(src_dir)
+    return save_megatron_checkpoint(
+        reader.hf_tensor, reader.arch, out_dir, tp_size=tp_size, pp_size=pp_size,
+        vocab_padded_size=vocab_padded_size or reader.vocab_padded_size, overwrite=overwrite, progress=progress,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing
+
+
+@contextmanager
+def _atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling directory; rename it to ``out_dir`` only on success."""
+    out = Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+
+
+@contextmanager
+def _process_group() -> Iterator[None]:
+    """dist_checkpointing.save needs torch.distributed: a one-process gloo group when none exists."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(d, 'store')}", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def _patch_dist_checkpointing_for_cpu() -> None:
+    """TEMPORARY (belongs in megatron_vrft.distributed.cpu_compat): dist_checkpointing's writer calls
+    ``torch.cuda.synchronize()`` (strategies/filesystem_async.py ``preload_tensors``) and builds small
+    tensors on ``torch.cuda.current_device()`` (state_dict_saver.py, async_utils.py)."""
+    if torch.cuda.is_available():
+        return
+    import importlib
+
+    from megatron_vrft.distributed import cpu_compat
+
+    cpu_compat.apply_cpu_compat_patches()
+    for name in (
+        "megatron.core.dist_checkpointing.strategies.filesystem_async",
+        "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+        "megatron.core.dist_checkpointing.strategies.async_utils",
+    ):
+        module = importlib.import_module(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = cpu_compat._CpuTorch()
+
+
+def build_policy_sharded_state_dict(policy: Any, *, tp_rank: int, dp_rank: int) -> dict[str, Any]:
+    """The sharded state dict of a ``Qwen2VLPolicy`` stage in this checkpoint format.
+
+    ``language_model`` uses megatron-core's own ``sharded_state_dict``; the vision tower (stage 0
+    only, replicated over TP and DP) is stored once, by the ``tp_rank == dp_rank == 0`` replica.
+    Use with ``megatron.core.dist_checkpointing.save`` / ``load`` to save or resume training in the
+    format the converter reads and writes.
+    """
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    sharded = policy.language_model.sharded_state_dict(prefix=LM)
+    if getattr(policy, "vision", None) is not None:
+        for name, tensor in policy.vision.state_dict().items():
+            key = VISION + name
+            sharded[key] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=(0, tp_rank, dp_rank))
+    return sharded
