@@ -35,6 +35,7 @@ EXTRAS = {
     "test": [
         "pytest>=8",
         "pytest-xdist",
+        "filelock",
         "hypothesis>=6.100",
         "triton>=3.3",
         "scikit-image",

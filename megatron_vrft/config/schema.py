@@ -194,8 +194,9 @@ class DataConfig:
     max_pixels: int = doc("Qwen2-VL image processor: maximum pixels after resize.", default=448 * 448)
     coord_space: Literal["pixels_resized", "norm_1000", "pixels_original"] = doc(
         "Coordinate space the model answers boxes in: pixels of the resized image it sees "
-        "(Qwen2-VL), 0-1000 normalised, or original image pixels. Ground truth is mapped into it "
-        "during preprocessing.",
+        "(Qwen2.5-VL's native convention), 0-1000 normalised (Qwen2-VL's native convention and "
+        "the released Visual-RFT prompts), or original image pixels. Ground truth is mapped into "
+        "it during preprocessing.",
         default="pixels_resized",
     )
     annotation_coord_space: Literal["pixels_original", "pixels_resized", "norm_1000", "norm_1"] = doc(

@@ -33,6 +33,9 @@ Patched behaviours (megatron-core 0.16.1), each with a test in
    ``weight.data.cuda()`` (tied embeddings with PP > 1) before all-reducing it over the embedding
    group. A tensor *method* cannot be redirected through a module's ``torch``, so this one method
    is wrapped: during the call ``Tensor.cuda`` returns the tensor unchanged.
+9. ``dist_checkpointing/strategies/{filesystem_async,state_dict_saver,async_utils}.py``: the
+   checkpoint writer calls ``torch.cuda.synchronize()`` in ``preload_tensors`` (every save) and
+   builds small bookkeeping tensors on ``torch.cuda.current_device()``.
 
 Known CUDA hard-codes NOT patched yet (not on the model's forward/backward path; the trainer
 will need some of them): ``optimizer/optimizer.py`` and ``optimizer/clip_grads.py`` (asserts
@@ -70,6 +73,9 @@ PATCHED_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
 )
 
 _PATCH_MARK = "_megatron_vrft_cpu_compat"

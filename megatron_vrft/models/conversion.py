@@ -19,32 +19,41 @@ the vocabulary padding so the checkpoint converts back without outside informati
 
 Memory: HF tensors are read lazily (``safe_open``) one decoder layer at a time; each converted layer
 is staged to disk and memory-mapped back, so the single ``dist_checkpointing.save`` call reads file
-pages rather than holding the model in anonymous memory. Export reads one layer's regions at a time
-and writes safetensors shards as they fill. Outputs are written to a temporary directory and renamed
-into place, so an interrupted conversion leaves no half-written checkpoint.
+pages rather than holding the model in anonymous memory (each TP chunk is staged as its own
+contiguous tensor: the ``torch_dist`` writer copies views and holds every copy until it writes).
+Export reads one layer's regions at a time and writes safetensors tensor by tensor. Measured peaks
+are in docs/benchmarks.md ("Checkpoint conversion"). Outputs are written to a temporary directory
+and renamed into place, so an interrupted conversion leaves no half-written checkpoint.
+
+Training checkpoints in the same format: ``dist_checkpointing.save(build_policy_sharded_state_dict(
+policy, tp_rank=..., dp_rank=...), dir)`` on every rank, then :func:`write_checkpoint_meta` once.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
+from megatron_vrft.models.conversion_hf import (  # noqa: F401  (re-exported: the conversion API)
+    HfCheckpointReader,
+    atomic_dir,
+    check_hf_names,
+    write_hf_checkpoint,
+)
+from megatron_vrft.distributed.cpu_compat import apply_cpu_compat_patches
 from megatron_vrft.models.qwen2_vl.arch import Qwen2VLArch
 from megatron_vrft.models.qwen2_vl.state_dict_adapter import (
     LM,
     VISION,
     as_arch,
-    hf_hub_name,
     hf_param_names,
     hf_tensor_from_megatron,
     hf_to_megatron_shard,
@@ -78,153 +87,6 @@ _EXTRA_STATE_MODULES = (
 
 
 # ----------------------------------------------------------------------------------------------
-# HF side
-
-
-class HfCheckpointReader:
-    """Lazy reader of an HF safetensors checkpoint (one file or a sharded index), by hub name."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        index = self.path / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in self.path.glob("*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"no *.safetensors or model.safetensors.index.json in {self.path}")
-            weight_map = {}
-        self._handles = {f: safe_open(str(self.path / f), framework="pt") for f in files}
-        if not weight_map:
-            weight_map = {k: f for f, h in self._handles.items() for k in h.keys()}
-        self._where: dict[str, tuple[str, str]] = {}
-        for stored, f in weight_map.items():
-            hub = hf_hub_name(stored)
-            if hub in self._where:
-                raise ValueError(f"HF checkpoint {self.path} holds {hub!r} twice (as {stored!r})")
-            self._where[hub] = (f, stored)
-
-    def names(self) -> list[str]:
-        """Hub names of every tensor in the checkpoint."""
-        return list(self._where)
-
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor by hub (or in-memory) name; ``KeyError`` naming it when absent."""
-        hub = hf_hub_name(name)
-        if hub not in self._where:
-            raise KeyError(f"HF tensor {hub!r} missing from {self.path}")
-        f, stored = self._where[hub]
-        return self._handles[f].get_tensor(stored)
-
-    def config(self) -> dict:
-        """``config.json`` as a dict."""
-        return json.loads((self.path / "config.json").read_text())
-
-
-def check_hf_names(names: Iterable[str], arch: Qwen2VLArch | Any) -> None:
-    """Raise ``ValueError`` listing missing and unexpected HF tensor names (hub naming)."""
-    a = as_arch(arch)
-    have = {hf_hub_name(n) for n in names}
-    expected = set(hf_param_names(a))
-    missing = sorted(expected - have)
-    # A tied checkpoint may carry a redundant lm_head copy; it is ignored.
-    unexpected = sorted(have - expected - ({"lm_head.weight"} if a.tie_word_embeddings else set()))
-    if missing or unexpected:
-        raise ValueError(f"HF checkpoint does not match the {a.family} config: missing {missing[:20]}"
-                         f"{' ...' if len(missing) > 20 else ''}; unexpected {unexpected[:20]}"
-                         f"{' ...' if len(unexpected) > 20 else ''}")  # fmt: skip
-
-
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}  # fmt: skip
-
-
-class _SafetensorsShardWriter:
-    """Writes one safetensors file tensor by tensor, holding none of them.
-
-    The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
-    data_offsets; padded with spaces to 8 bytes) and the raw little-endian row-major data. The
-    header needs every tensor's offsets, so data goes to a side file first and is copied behind the
-    header on :meth:`close` (a disk copy, no memory)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._data_path = path.with_suffix(".data")
-        self._data = open(self._data_path, "wb")
-        self._header: dict[str, Any] = {}
-        self.num_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} has no safetensors code")
-        t = tensor.detach().contiguous().cpu()
-        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        self._data.write(memoryview(raw))
-        size = t.numel() * t.element_size()
-        self._header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                              "data_offsets": [self.num_bytes, self.num_bytes + size]}  # fmt: skip
-        self.num_bytes += size
-
-    def close(self) -> list[str]:
-        self._data.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
-        with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
-            out.write(len(header).to_bytes(8, "little"))
-            out.write(header)
-            shutil.copyfileobj(data, out, 16 * 2**20)
-        os.remove(self._data_path)
-        return list(self._header)
-
-
-def write_hf_checkpoint(
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    out_dir: str | os.PathLike,
-    *,
-    config: dict,
-    max_shard_bytes: int = 4 * 2**30,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``(hub name, tensor)`` pairs as safetensors shards + index + ``config.json``, atomically.
-
-    Each tensor goes to disk as it arrives (memory holds only the tensor being written); a shard
-    closes before the tensor that would take it past ``max_shard_bytes``.
-    """
-    with _atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        files: list[tuple[str, list[str]]] = []
-        seen: set[str] = set()
-        writer: _SafetensorsShardWriter | None = None
-        total = 0
-        for name, t in tensors:
-            if name in seen:
-                raise ValueError(f"tensor {name!r} written twice")
-            seen.add(name)
-            size = t.numel() * t.element_size()
-            if writer is not None and writer.num_bytes and writer.num_bytes + size > max_shard_bytes:
-                files.append((writer.path.name, writer.close()))
-                writer = None
-            if writer is None:
-                writer = _SafetensorsShardWriter(tmp / f"part-{len(files) + 1:05d}.safetensors")
-            writer.add(name, t)
-            total += size
-        if writer is not None:
-            files.append((writer.path.name, writer.close()))
-        weight_map = {}
-        for i, (name, keys) in enumerate(files):
-            final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-            os.rename(tmp / name, tmp / final)
-            weight_map.update({k: final for k in keys})
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    return Path(out_dir)
-
-
-# ----------------------------------------------------------------------------------------------
 # Megatron side: writing
 
 
@@ -236,7 +98,9 @@ def megatron_checkpoint_key(name: str) -> tuple[str, int | None]:
     return name, None
 
 
-def _tp_chunks(name: str, tensor: torch.Tensor, *, tp_size: int) -> list[tuple[torch.Tensor, tuple[int, int, int] | None]]:
+def _tp_chunks(
+    name: str, tensor: torch.Tensor, *, tp_size: int
+) -> list[tuple[torch.Tensor, tuple[int, int, int] | None]]:
     """``tensor`` (full, unsharded) cut into its stored TP chunks: ``(view, tp offset)``.
 
     The offset ``(axis without the layer axis, fragment index, fragments)`` is None for replicated
@@ -301,7 +165,7 @@ def save_megatron_checkpoint(
     _check_parallel(a, tp_size, vp)
     pipeline_layer_ranges(a.num_layers, pp_size)
     num_layers = a.num_layers
-    with _atomic_dir(out_dir, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory(
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory(
         dir=Path(tmp).parent, prefix=".staging-"
     ) as staging:
         sharded: dict[str, Any] = {}
@@ -330,14 +194,16 @@ def save_megatron_checkpoint(
                 sharded[entry] = _sharded_tensor(name, tensor, tp_offset, num_layers=num_layers)
             sharded.update(_extra_state_objects(layer, num_layers))
         with _process_group():
-            _patch_dist_checkpointing_for_cpu()
+            apply_cpu_compat_patches()
             dist_checkpointing.save(sharded, str(tmp))
         del sharded
         write_checkpoint_meta(tmp, a, vocab_padded_size=vp)
     return Path(out_dir)
 
 
-def write_checkpoint_meta(ckpt_dir: str | os.PathLike, arch: Qwen2VLArch | Any, *, vocab_padded_size: int | None = None) -> None:
+def write_checkpoint_meta(
+    ckpt_dir: str | os.PathLike, arch: Qwen2VLArch | Any, *, vocab_padded_size: int | None = None
+) -> None:
     """Write the JSON sidecar (HF config, vocabulary padding) into a distributed checkpoint directory.
 
     The converter writes it itself; a trainer saving with :func:`build_policy_sharded_state_dict`
@@ -391,7 +257,9 @@ class MegatronCheckpointReader:
 
         return [k for k, v in self._md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)]
 
-    def read(self, key: str, offsets: tuple[int, ...] | None = None, sizes: tuple[int, ...] | None = None) -> torch.Tensor:
+    def read(
+        self, key: str, offsets: tuple[int, ...] | None = None, sizes: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
         """Region ``[offsets, offsets + sizes)`` of checkpoint tensor ``key`` (whole tensor by default)."""
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
         from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
@@ -536,24 +404,6 @@ def reshard_megatron_checkpoint(
 
 
 @contextmanager
-def _atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it to ``out_dir`` only on success."""
-    out = Path(out_dir).resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
-
-
-@contextmanager
 def _process_group() -> Iterator[None]:
     """dist_checkpointing.save needs torch.distributed: a one-process gloo group when none exists."""
     import torch.distributed as dist
@@ -567,27 +417,6 @@ def _process_group() -> Iterator[None]:
             yield
         finally:
             dist.destroy_process_group()
-
-
-def _patch_dist_checkpointing_for_cpu() -> None:
-    """TEMPORARY (belongs in megatron_vrft.distributed.cpu_compat): dist_checkpointing's writer calls
-    ``torch.cuda.synchronize()`` (strategies/filesystem_async.py ``preload_tensors``) and builds small
-    tensors on ``torch.cuda.current_device()`` (state_dict_saver.py, async_utils.py)."""
-    if torch.cuda.is_available():
-        return
-    import importlib
-
-    from megatron_vrft.distributed import cpu_compat
-
-    cpu_compat.apply_cpu_compat_patches()
-    for name in (
-        "megatron.core.dist_checkpointing.strategies.filesystem_async",
-        "megatron.core.dist_checkpointing.strategies.state_dict_saver",
-        "megatron.core.dist_checkpointing.strategies.async_utils",
-    ):
-        module = importlib.import_module(name)
-        if getattr(module, "torch", None) is torch:
-            module.torch = cpu_compat._CpuTorch()
 
 
 def build_policy_sharded_state_dict(policy: Any, *, tp_rank: int, dp_rank: int) -> dict[str, Any]:

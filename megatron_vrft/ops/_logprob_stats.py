@@ -21,7 +21,6 @@ inv_temperature, out) -> out``.
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import torch
@@ -139,32 +138,16 @@ def triton_backend() -> Backend:
 def cuda_ext_ops():
     """``torch.ops.megatron_vrft`` with the log-prob ops, or None when the extension is not built.
 
-    The loader ``megatron_vrft.ops.cuda_ext`` (optional) imports the compiled library, which
-    registers ``token_logprob_stats`` / ``token_logprob_backward`` with ``TORCH_LIBRARY_FRAGMENT``.
+    Importing ``megatron_vrft.ops.cuda_ext`` loads the optional compiled library, whose
+    ``kernels/logprob.cu`` registers ``token_logprob_stats`` / ``token_logprob_backward`` with
+    ``TORCH_LIBRARY_FRAGMENT(megatron_vrft, ...)``.
     """
-    try:
-        cuda_ext = importlib.import_module("megatron_vrft.ops.cuda_ext")
-    except ImportError:
-        cuda_ext = None
-    if cuda_ext is not None:
-        for loader_name in ("load_cuda_ext", "load", "load_extension", "get_extension"):
-            loader = getattr(cuda_ext, loader_name, None)
-            if callable(loader):
-                try:
-                    loader()
-                except Exception:  # a missing optional extension is not an error here
-                    pass
-                break
-    else:
-        try:
-            importlib.import_module("megatron_vrft_cuda")
-        except ImportError:
-            pass
-    try:
-        ops = torch.ops.megatron_vrft
-        ops.token_logprob_stats  # noqa: B018  (raises AttributeError/RuntimeError if absent)
-        ops.token_logprob_backward  # noqa: B018
-    except (AttributeError, RuntimeError):
+    from megatron_vrft.ops import cuda_ext
+
+    if not cuda_ext.is_built():
+        return None
+    ops = getattr(torch.ops, "megatron_vrft", None)
+    if ops is None or not hasattr(ops, "token_logprob_stats") or not hasattr(ops, "token_logprob_backward"):
         return None
     return ops
 

@@ -74,7 +74,9 @@ def _logprob_stats_kernel(
     tgt = tl.load(row_ptr + tl.where(owned, local, 0), mask=owned, other=0.0).to(tl.float32)
     tl.store(stats_ptr + row * 3 + 1, tl.where(owned, tgt * inv_temperature, 0.0))
     if ENTROPY:
-        tl.store(stats_ptr + row * 3 + 2, tl.log(s) - t / s)
+        # An empty / all -inf slice has s == 0 and entropy 0 (its weight in any merge is 0).
+        safe_s = tl.where(s > 0.0, s, 1.0)
+        tl.store(stats_ptr + row * 3 + 2, tl.where(s > 0.0, tl.log(safe_s) - t / safe_s, 0.0))
     else:
         tl.store(stats_ptr + row * 3 + 2, 0.0)
 

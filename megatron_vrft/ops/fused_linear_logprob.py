@@ -19,9 +19,14 @@ out-of-vocabulary semantics, see ``megatron_vrft.ops.logprob``), but only ever h
   Megatron's ``copy_to_tensor_model_parallel_region``); pass ``reduce_grad_hidden=False`` when the
   caller reduces it itself (e.g. a reduce-scatter under sequence parallelism).
 
+The backward GEMMs accumulate in fp32 (``mm(..., out_dtype=float32)`` on CUDA; chunk operands
+upcast elsewhere), so splitting the vocabulary into chunks does not add bf16 roundings.
+
 Peak extra memory: one logits block in the inputs' dtype (plus its fp32 upcast on the torch
-backend), an fp32 ``(chunk_vocab, H)`` accumulator and the fp32 ``(N, H)`` grad_hidden buffer:
-O(chunk), independent of ``N * V``. The cost is one extra GEMM (the forward is recomputed).
+backend and for the fp32 GEMMs off CUDA), an fp32 ``(chunk_vocab, H)`` accumulator and the fp32
+``(N, H)`` grad_hidden buffer: O(chunk + N * H), independent of ``N * V``. The cost is one extra
+GEMM (the forward's logits are recomputed in the backward). Defaults: 2048 x 16384 blocks, 64 MiB
+in bf16.
 """
 
 from __future__ import annotations

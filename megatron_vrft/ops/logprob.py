@@ -16,10 +16,10 @@ The entropy gradient costs one fused multiply-add per element, so it is supporte
 Vocab parallelism: rank ``r`` of ``tp_group`` holds the contiguous vocabulary slice
 ``[vocab_start_index, vocab_start_index + V_shard)``; targets are global ids. Each rank computes
 per-row stats of its shard (local log-sum-exp, its target logit or 0, the entropy of its local
-softmax) and ONE all-gather (``all_gather_single``) of those ``3N`` floats per rank lets every rank combine
-them with the log-sum-exp rule (``_logprob_stats``); the backward needs no communication. The outputs are
-identical on all ranks and each rank's backward yields the gradient of its own shard (the usual
-Megatron convention: the loss is replicated over TP).
+softmax) and ONE all-gather (``all_gather_single``) of those ``3N`` floats per rank lets every
+rank combine them with the log-sum-exp rule (``_logprob_stats``); the backward needs no
+communication. The outputs are identical on all ranks and each rank's backward yields the
+gradient of its own shard (the usual Megatron convention: the loss is replicated over TP).
 
 Targets outside the (global) vocabulary, e.g. a padding id of -100, are owned by no rank: their
 log-prob is ``-logsumexp(z)`` and they add no one-hot term to the gradient; mask them in the loss.

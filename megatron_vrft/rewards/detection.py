@@ -173,6 +173,8 @@ def compute_detection_scores(
         raise ValueError(f"matching must be 'greedy' or 'hungarian', got {matching!r}")
     if mode not in ("default", "visual_rft_compat"):
         raise ValueError(f"detection mode must be 'default' or 'visual_rft_compat', got {mode!r}")
+    if not 0.0 <= iou_threshold < 1.0:
+        raise ValueError(f"iou_threshold must be in [0, 1), got {iou_threshold}")
     if default_confidence is not None and not 0.0 <= default_confidence <= 1.0:
         raise ValueError(f"default_confidence must be in [0, 1], got {default_confidence}")
     gts = as_ground_truths(ground_truths, len(completions))

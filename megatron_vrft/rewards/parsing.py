@@ -21,6 +21,10 @@ commas; a missing outer ``[ ]`` or missing closing brackets; key variants ``posi
 (``"90%"``); bare ``[x1, y1, x2, y2]`` lists; markdown code fences and text around the list; and
 ``No Objects`` / ``[]`` for an empty prediction. Inverted boxes are *rejected*, never swapped: a
 swapped box is still a wrong answer, and fixing it would reward outputs the prompt forbids.
+
+Never salvaged: one invalid entry rejects the whole answer, and so does a structure opening after
+the last closing bracket (a truncated final entry, or a second list). Dropping entries silently
+would let a model pad its answer with junk at no cost.
 """
 
 from __future__ import annotations

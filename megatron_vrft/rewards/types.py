@@ -170,13 +170,15 @@ class GroundTruth:
         i = self.index
         if self.label is not None and not isinstance(self.label, str):
             raise ValueError(f"ground_truths[{i}].label: expected str, got {type(self.label).__name__}")
-        if isinstance(self.synonyms, str) or not all(isinstance(s, str) for s in self.synonyms):
+        if self.synonyms is None:
+            self.synonyms = ()
+        if not isinstance(self.synonyms, (list, tuple)) or not all(isinstance(s, str) for s in self.synonyms):
             raise ValueError(f"ground_truths[{i}].synonyms: expected a sequence of str")
         self.synonyms = tuple(self.synonyms)
         self.boxes = _as_boxes(self.boxes, i, "boxes", single=False)
         self.box = _as_boxes(self.box, i, "box", single=True)
         if self.categories is not None:
-            if isinstance(self.categories, str) or not all(isinstance(c, str) for c in self.categories):
+            if not isinstance(self.categories, (list, tuple)) or not all(isinstance(c, str) for c in self.categories):
                 raise ValueError(f"ground_truths[{i}].categories: expected a sequence of str")
             self.categories = tuple(self.categories)
             if self.boxes is None or len(self.categories) != self.boxes.shape[0]:

@@ -230,3 +230,24 @@ def test_tied_embedding_setup_without_cuda(one_rank_world):
     assert weight.device == CPU
     assert getattr(weight, "shared_embedding", False)
     assert torch.Tensor.cuda is not None and "lambda" not in repr(torch.Tensor.cuda)  # restored
+
+
+def test_dist_checkpointing_save_and_load_on_cpu(one_rank_world, tmp_path):
+    # patch 9: the writer's torch.cuda.synchronize() and CUDA bookkeeping tensors
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 4, generator=gen)
+    bias = torch.randn(6, generator=gen)
+    state = {
+        "w": ShardedTensor.from_rank_offsets("layer.w", weight, replica_id=0),
+        "b": ShardedTensor.from_rank_offsets("layer.b", bias, replica_id=0),
+    }
+    dist_checkpointing.save(state, str(tmp_path))
+    template = {
+        "w": ShardedTensor.from_rank_offsets("layer.w", torch.empty(6, 4), replica_id=0),
+        "b": ShardedTensor.from_rank_offsets("layer.b", torch.empty(6), replica_id=0),
+    }
+    loaded = dist_checkpointing.load(template, str(tmp_path))
+    assert torch.equal(loaded["w"], weight) and torch.equal(loaded["b"], bias)

@@ -30,7 +30,7 @@ from megatron_vrft.models.conversion import (
     reshard_megatron_checkpoint,
     write_checkpoint_meta,
 )
-from megatron_vrft.models.qwen2_vl.state_dict_adapter import as_arch, hf_hub_name, hf_to_megatron_shard
+from megatron_vrft.models.qwen2_vl.state_dict_adapter import as_arch, hf_to_megatron_shard
 
 CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
 

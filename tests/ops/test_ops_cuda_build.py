@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,22 +39,6 @@ def run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     return proc
 
 
-def shared_once(tmp_path_factory, name: str, compute) -> dict:
-    """``compute(dir) -> dict`` once per test run, shared by pytest-xdist workers (file lock);
-    without xdist, once per module. Keeps the expensive step from running on every worker."""
-    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run_id is None:
-        return compute(tmp_path_factory.mktemp(name))
-    root = tmp_path_factory.getbasetemp().parent / f"{name}-{run_id}"
-    with FileLock(f"{root}.lock"):
-        done = root / "result.json"
-        if not done.exists():
-            root.mkdir(exist_ok=True)
-            result = compute(root)
-            done.write_text(json.dumps(result))
-        return json.loads(done.read_text())
-
-
 def _configure_and_build(tmp: Path) -> dict:
     assert shutil.which("cmake"), "cmake is required to build kernels/"
     build = tmp / "build"
@@ -65,8 +48,8 @@ def _configure_and_build(tmp: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def build_dir(tmp_path_factory) -> Path:
-    return Path(shared_once(tmp_path_factory, "cmake_build", _configure_and_build)["build"])
+def build_dir(run_once_per_session) -> Path:
+    return Path(run_once_per_session("cmake_build", _configure_and_build)["build"])
 
 
 def test_host_tests_pass_under_ctest(build_dir):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from megatron_vrft.ops import _logprob_stats
 from megatron_vrft.ops.logprob import (
@@ -223,6 +225,44 @@ def test_vocabulary_wider_than_one_block():
     torch.testing.assert_close(logprobs.double(), want_lp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent.double(), want_ent, rtol=1e-5, atol=1e-5)
     _assert_grad_close(grad, want_grad)
+
+
+class _TensorSizeProbe(TorchDispatchMode):
+    """Records the bytes of every new tensor (not a view or in-place result) aten ops produce."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not any(ret.alias_info is not None for ret in func._schema.returns):
+            self.sizes += [t.numel() * t.element_size() for t in tree_leaves(out)
+                           if isinstance(t, torch.Tensor)]
+        return out
+
+
+def _tensor_sizes(fn, x, targets, **kwargs):
+    leaf = x.clone().requires_grad_()
+    with _TensorSizeProbe() as probe:
+        logprobs, ent = fn(leaf * 1, targets, return_entropy=True, **kwargs)
+        (logprobs.sum() + ent.sum()).backward()
+    return probe.sizes
+
+
+def test_no_softmax_or_fp32_copy_of_bf16_logits():
+    """The largest tensor the kernel path creates is a bf16 (N, V) one (the logits / their
+    gradient); the reference's fp32 copies show the probe can see them; the in-place backward
+    allocates one (N, V) buffer fewer."""
+    x, targets, _, _ = _random_case((64,), 2048, torch.bfloat16, seed=6)
+    bf16_bytes = x.numel() * 2
+    reference = _tensor_sizes(token_logprobs_reference, x, targets)
+    assert max(reference) >= 2 * bf16_bytes
+    copy = _tensor_sizes(token_logprobs, x, targets)
+    inplace = _tensor_sizes(token_logprobs, x, targets, inplace_backward=True)
+    assert max(copy) == max(inplace) == bf16_bytes
+    count = lambda sizes: sum(size >= bf16_bytes for size in sizes)  # noqa: E731
+    assert count(inplace) == count(copy) - 1
 
 
 def test_float64_and_torch_impl_use_the_reference():

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[2]
 MODULES = ["box_iou_triton", "logprob", "fused_linear_logprob", "grpo_loss"]
@@ -63,22 +62,6 @@ def _collect() -> tuple[list, list[str]]:
 PARAMS, PRESENT = _collect()
 
 
-def shared_once(tmp_path_factory, name: str, compute) -> dict:
-    """``compute(dir) -> dict`` once per test run, shared by pytest-xdist workers (file lock);
-    without xdist, once per module. Keeps the expensive step from running on every worker."""
-    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run_id is None:
-        return compute(tmp_path_factory.mktemp(name))
-    root = tmp_path_factory.getbasetemp().parent / f"{name}-{run_id}"
-    with FileLock(f"{root}.lock"):
-        done = root / "result.json"
-        if not done.exists():
-            root.mkdir(exist_ok=True)
-            result = compute(root)
-            done.write_text(json.dumps(result))
-        return json.loads(done.read_text())
-
-
 def _compile_all(tmp: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp / "cache"), PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}")
@@ -93,8 +76,8 @@ def _compile_all(tmp: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory) -> dict:
-    return shared_once(tmp_path_factory, "triton_aot", _compile_all)
+def compiled(run_once_per_session) -> dict:
+    return run_once_per_session("triton_aot", _compile_all)
 
 
 @pytest.mark.parametrize("name", MODULES)

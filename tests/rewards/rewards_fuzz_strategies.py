@@ -212,21 +212,23 @@ _CLS_KINDS = ["truncate", "empty", "punct", "two_answers", "no_tag", "unicode", 
 
 
 @st.composite
-def classification_near_miss(draw, label: str) -> tuple[object, bool]:
-    """``(completion, must_fail)`` around a correct classification answer."""
-    completion = wrap(label)
+def classification_near_miss(draw, labels: list[str]) -> tuple[int, object, bool]:
+    """``(label index, completion, must_fail)`` around a correct answer for ``labels[index]``."""
     kind = draw(st.sampled_from(_CLS_KINDS))
-    if kind == "non_string":
-        return draw(non_strings), True
-    if kind == "punct":
-        return wrap(draw(st.binary(max_size=10).map(tokens_from_bytes(list(" _-.,;:!?/'\"()[]"))))), True
     r = ByteSource(draw(_RAW))
+    index = r.int(0, len(labels) - 1)
+    label = labels[index]
+    completion = wrap(label)
+    if kind == "non_string":
+        return index, draw(non_strings), True
+    if kind == "punct":
+        return index, wrap(tokens_from_bytes(list(" _-.,;:!?/'\"()[]"))(r.raw[: r.int(0, 10)])), True
     if kind == "truncate":
-        return completion[: r.int(0, completion.index("</answer>"))], True
+        return index, completion[: r.int(0, completion.index("</answer>"))], True
     if kind == "empty":
-        return wrap(r.choice(["", " ", "\n\t"])), True
+        return index, wrap(r.choice(["", " ", "\n\t"])), True
     if kind == "two_answers":
-        return completion + "<answer>" + label + "</answer>", True
+        return index, completion + "<answer>" + label + "</answer>", True
     if kind == "no_tag":
-        return f"<think>x</think> {label}", True
-    return _insert_text(completion, r.int(0, 10**4), draw(st.text(min_size=1, max_size=8))), False
+        return index, f"<think>x</think> {label}", True
+    return index, _insert_text(completion, r.int(0, 10**4), draw(st.text(min_size=1, max_size=8))), False

@@ -104,6 +104,9 @@ def test_bad_ground_truth_raises_naming_the_record() -> None:
         classification_accuracy_reward([wrap("a"), wrap("b")], [CAT, {"label": "  _ "}])
     with pytest.raises(ValueError, match=r"ground_truths\[0\]: unknown keys \['lable'\]"):
         classification_accuracy_reward([wrap("a")], [{"lable": "cat"}])
+    with pytest.raises(ValueError, match=r"ground_truths\[0\]\.synonyms"):
+        classification_accuracy_reward([wrap("a")], [{"label": "cat", "synonyms": "kitty"}])
+    assert _score(wrap("cat"), {"label": "cat", "synonyms": None}) == 1.0
     with pytest.raises(ValueError, match="mode"):
         classification_accuracy_reward([wrap("a")], [CAT], mode="lenient")
     with pytest.raises(ValueError, match="2 completions but 1 ground truths"):
@@ -134,12 +137,10 @@ def _contains_label(text, label: str) -> bool:
 @given(
     idx=st.integers(0, len(LABELS) - 1),
     garbage=garbage_text,
-    near=st.integers(0, len(LABELS) - 1).flatmap(
-        lambda i: st.tuples(st.just(i), classification_near_miss(LABELS[i]))
-    ),
+    near=classification_near_miss(LABELS),
 )
 def test_classification_fuzz(idx, garbage, near) -> None:
-    near_idx, (completion, must_fail) = near
+    near_idx, completion, must_fail = near
     completions = [garbage, completion]
     gts = [GTS[idx], GTS[near_idx]]
     for mode in ("default", "visual_rft_compat"):

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "bench_kernels.py"
@@ -33,22 +32,6 @@ def load_tool():
     return module
 
 
-def shared_once(tmp_path_factory, name: str, compute) -> dict:
-    """``compute(dir) -> dict`` once per test run, shared by pytest-xdist workers (file lock);
-    without xdist, once per module. Keeps the expensive step from running on every worker."""
-    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run_id is None:
-        return compute(tmp_path_factory.mktemp(name))
-    root = tmp_path_factory.getbasetemp().parent / f"{name}-{run_id}"
-    with FileLock(f"{root}.lock"):
-        done = root / "result.json"
-        if not done.exists():
-            root.mkdir(exist_ok=True)
-            result = compute(root)
-            done.write_text(json.dumps(result))
-        return json.loads(done.read_text())
-
-
 def _run_tool(tmp: Path) -> dict:
     out = tmp / "bench.json"
     cmd = [sys.executable, str(TOOL), "--preset", "cpu-small", "--device", "cpu", "--interpret",
@@ -61,8 +44,8 @@ def _run_tool(tmp: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> tuple[dict, str]:
-    result = shared_once(tmp_path_factory, "bench_kernels", _run_tool)
+def report(run_once_per_session) -> tuple[dict, str]:
+    result = run_once_per_session("bench_kernels", _run_tool)
     return result["data"], result["stdout"]
 
 

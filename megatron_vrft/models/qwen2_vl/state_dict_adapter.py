@@ -3,6 +3,12 @@
 Used by the model loader (HF weights -> this rank's shard), checkpoint conversion (both ways) and the
 rollout weight export (shards -> HF names, streamed).
 
+API: :func:`hf_to_megatron_shard` (HF -> one rank's shard), :func:`megatron_shards_to_hf` (all ranks'
+shards -> HF, streamed), :func:`hf_tensor_from_megatron` (one HF tensor from unsharded Megatron
+tensors), :func:`hf_param_names` / :func:`hf_param_shapes` / :func:`megatron_param_shapes` (no memory:
+meta device), :func:`fuse_qkv` / :func:`split_qkv`, :func:`pipeline_layer_ranges`. ``arch`` is a
+``Qwen2VLArch`` (``arch.build_qwen2_vl_arch``), a transformers config, or a ``config.json`` dict.
+
 Names
 -----
 HF hub names (what safetensors files on disk hold; written on export)::
@@ -53,8 +59,10 @@ Layouts (mcore 0.16.1, ``SelfAttention.get_query_key_value_tensors`` and ``MLP``
 * Column-parallel (split rows): ``linear_qkv`` (weight and bias), ``linear_fc1``, ``word_embeddings``,
   ``output_layer``. Row-parallel (split columns): ``linear_proj``, ``linear_fc2``. Norms, the vision
   tower: replicated.
-* Vocabulary padding: the embedding and output layer have ``vocab_padded_size`` rows (a multiple of
-  ``tp_size``); rows past ``vocab_size`` are zero on import and dropped on export.
+* Vocabulary padding (optional; ``Qwen2VLPolicy`` itself uses none and needs ``vocab_size % tp == 0``):
+  the embedding and output layer have ``vocab_padded_size`` rows (a multiple of ``tp_size``; see
+  :func:`compute_vocab_padded_size` for Megatron-LM's rule); rows past ``vocab_size`` are zero on
+  import and dropped on export.
 * Pipeline: layers go to stages by mcore's rule (``get_num_layers_to_build``): evenly, or with
   ``num_layers_in_first_pipeline_stage`` / ``num_layers_in_last_pipeline_stage`` and the rest evenly;
   see :func:`pipeline_layer_ranges`. Virtual pipeline stages are not supported.
