@@ -165,9 +165,9 @@ def test_megatron_core_loads_and_saves_the_format(workdir, one_rank_world, famil
     # The policy saves in the same format; with the sidecar it exports back to the HF tensors.
     saved = os.path.join(workdir, f"mg-saved-{family}")
     os.makedirs(saved)
-    from megatron_vrft.models.conversion import _patch_dist_checkpointing_for_cpu
+    from megatron_vrft.distributed.cpu_compat import apply_cpu_compat_patches
 
-    _patch_dist_checkpointing_for_cpu()
+    apply_cpu_compat_patches()  # dist_checkpointing's writer hard-codes CUDA (patch 9)
     dist_checkpointing.save(build_policy_sharded_state_dict(policy, tp_rank=0, dp_rank=0), saved)
     write_checkpoint_meta(saved, arch)
     back = os.path.join(workdir, f"back-saved-{family}")

@@ -35,7 +35,6 @@ def _rank_main(rank: int, world: int, store: str, hf: str, mg: str, saved: str, 
         from megatron_vrft.distributed.parallel_state import ParallelLayout, initialize_model_parallel
         from megatron_vrft.models.conversion import (
             HfCheckpointReader,
-            _patch_dist_checkpointing_for_cpu,
             build_policy_sharded_state_dict,
             write_checkpoint_meta,
         )
@@ -43,8 +42,8 @@ def _rank_main(rank: int, world: int, store: str, hf: str, mg: str, saved: str, 
         from megatron_vrft.models.qwen2_vl.spec import Qwen2VLParallelism, build_layer_spec, build_transformer_config
         from megatron_vrft.models.qwen2_vl.state_dict_adapter import as_arch, hf_to_megatron_shard
 
+        # applies the CPU patches, dist_checkpointing's included
         groups = initialize_model_parallel(ParallelLayout(tensor_parallel_size=TP, pipeline_parallel_size=PP))
-        _patch_dist_checkpointing_for_cpu()
         reader = HfCheckpointReader(hf)
         arch = as_arch(reader.config())
         config = build_transformer_config(arch, Qwen2VLParallelism(tensor_parallel_size=TP, pipeline_parallel_size=PP))
