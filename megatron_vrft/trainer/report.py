@@ -12,7 +12,7 @@ def format_sweep_table(result: Any) -> str:
     """Markdown table: one row per policy quality."""
     metric = HEADLINE_METRIC[result.task]
     columns = list(result.sweep[0]["reward_columns"]) if result.sweep else []
-    header = ["quality", "reward", *columns, metric, "parse fail", "|adv|", "zero-adv groups"]
+    header = ["quality", "reward", *columns, f"eval {metric}", "parse fail", "|adv|", "zero-adv groups"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in result.sweep:
         fails = sum(sum(f.values()) for f in row["parse_failures"].values())
