@@ -12,6 +12,7 @@ prediction counts as an empty answer and is reported; a prediction for an unknow
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,6 @@ from megatron_vrft.data import (
     build_image_processor,
     compute_resized_size,
     load_records,
-    map_ground_truth,
     read_image_size,
     to_reward_ground_truth,
 )
@@ -58,13 +58,10 @@ def evaluate_run(cfg, predictions: dict[str, str], protocol: str = "coco") -> di
     image_processor = build_image_processor(min_pixels=d.min_pixels, max_pixels=d.max_pixels)
     completions, ground_truths, missing = [], [], 0
     for record in records:
-        image_size = record.image_size or read_image_size(record.images[0])
-        resized = compute_resized_size(*image_size, image_processor)
-        gt = map_ground_truth(record.ground_truth, d.coord_space, image_size=image_size, resized_size=resized)
-        gt_dict = to_reward_ground_truth(record, box_space=d.coord_space, resized_size=resized)
-        gt_dict.update(boxes=gt.boxes, box=gt.box, box_space=d.coord_space, image_size=image_size,
-                       resized_size=resized)
-        ground_truths.append(gt_dict)
+        if record.image_size is None:  # a header read, no full decode
+            record = dataclasses.replace(record, image_size=read_image_size(record.images[0]))
+        resized = compute_resized_size(*record.image_size, image_processor)
+        ground_truths.append(to_reward_ground_truth(record, box_space=d.coord_space, resized_size=resized))
         if record.source_id not in predictions:
             missing += 1
         completions.append(predictions.get(record.source_id, ""))

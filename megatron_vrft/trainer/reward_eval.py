@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from megatron_vrft.config import VisualRFTConfig, config_to_dict
 from megatron_vrft.data import (
@@ -106,8 +107,6 @@ def _model_inputs(example, extra_ids: torch.Tensor | None = None) -> dict[str, t
 def generate_with_model(model, tokenizer, examples, *, max_new_tokens: int, temperature: float, top_p: float,
                         seed: int, progress: bool) -> list[str]:
     """One sampled completion per example from a transformers Qwen2-VL model (CPU)."""
-    from tqdm import tqdm
-
     torch.manual_seed(seed)
     completions = []
     for example in tqdm(examples, desc="model rollout", disable=not progress, leave=False):
@@ -174,8 +173,6 @@ def run_reward_eval(cfg: VisualRFTConfig, *, qualities=DEFAULT_QUALITIES, num_mo
     }
 
     sweep = []
-    from tqdm import tqdm
-
     for quality in tqdm(qualities, desc="quality sweep", disable=not progress, leave=False):
         policy = ScriptedPolicy(quality=quality, class_names=class_names, seed=cfg.trainer.seed)
         with timer.phase("scripted_rollout"):
