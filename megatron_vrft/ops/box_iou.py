@@ -21,6 +21,7 @@ Formulas (``A``, ``B`` boxes; ``C`` their smallest enclosing box)::
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Literal
 
 import torch
@@ -78,6 +79,20 @@ def _iou_giou_from_corners(
         0.0,
     )
     return iou - penalty
+
+
+def pairwise_batch_shape(
+    boxes1: torch.Tensor,
+    boxes2: torch.Tensor,
+    valid1: torch.Tensor | None = None,
+    valid2: torch.Tensor | None = None,
+) -> tuple[torch.Size, int]:
+    """Broadcast batch shape ``(...)`` of a pairwise call and its element count (for kernels that
+    flatten the batch): ``boxes (..., N, 4)``, ``(..., M, 4)``, masks ``(..., N)``, ``(..., M)``."""
+    shapes = [boxes1.shape[:-2], boxes2.shape[:-2]]
+    shapes += [v.shape[:-1] for v in (valid1, valid2) if v is not None]
+    batch = torch.broadcast_shapes(*shapes)
+    return batch, math.prod(batch)
 
 
 def box_iou_pairwise_reference(

@@ -151,18 +151,13 @@ def box_iou_pairwise_triton(
     valid2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``boxes1 (..., N, 4)``, ``boxes2 (..., M, 4)`` -> ``(..., N, M)`` fp32; masks ``(..., N)``/``(..., M)``."""
-    from megatron_vrft.ops.box_iou import box_iou_pairwise_reference
+    from megatron_vrft.ops.box_iou import box_iou_pairwise_reference, pairwise_batch_shape
 
     _check_boxes(boxes1, boxes2, 2)
     if torch.float64 in (boxes1.dtype, boxes2.dtype):
         return box_iou_pairwise_reference(boxes1, boxes2, mode, valid1, valid2)
     n, m = boxes1.shape[-2], boxes2.shape[-2]
-    batch_shapes = [boxes1.shape[:-2], boxes2.shape[:-2]]
-    batch_shapes += [v.shape[:-1] for v in (valid1, valid2) if v is not None]
-    batch = torch.broadcast_shapes(*batch_shapes)
-    num_batch = 1
-    for d in batch:
-        num_batch *= d
+    batch, num_batch = pairwise_batch_shape(boxes1, boxes2, valid1, valid2)
     out = torch.empty((*batch, n, m), dtype=torch.float32, device=boxes1.device)
     if out.numel() == 0:
         return out

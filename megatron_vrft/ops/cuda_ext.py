@@ -58,17 +58,12 @@ def box_iou_pairwise(
     valid2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(..., N, 4) x (..., M, 4) -> (..., N, M)`` fp32 via the CUDA kernel; semantics of ``box_iou``."""
-    from megatron_vrft.ops.box_iou import box_iou_pairwise_reference
+    from megatron_vrft.ops.box_iou import box_iou_pairwise_reference, pairwise_batch_shape
 
     if torch.float64 in (boxes1.dtype, boxes2.dtype):
         return box_iou_pairwise_reference(boxes1, boxes2, mode, valid1, valid2)
     n, m = boxes1.shape[-2], boxes2.shape[-2]
-    shapes = [boxes1.shape[:-2], boxes2.shape[:-2]]
-    shapes += [v.shape[:-1] for v in (valid1, valid2) if v is not None]
-    batch = torch.broadcast_shapes(*shapes)
-    num_batch = 1
-    for d in batch:
-        num_batch *= d
+    batch, num_batch = pairwise_batch_shape(boxes1, boxes2, valid1, valid2)
     a = _as_fp32(boxes1, (*batch, n, 4)).view(num_batch, n, 4)
     b = _as_fp32(boxes2, (*batch, m, 4)).view(num_batch, m, 4)
     v1 = None if valid1 is None else valid1.to(torch.bool).expand((*batch, n)).reshape(num_batch, n)
