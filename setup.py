@@ -27,6 +27,7 @@ INSTALL_REQUIRES = [
     "pycocotools>=2.0.8",
     "datasets",
     "matplotlib",
+    "tensorboard",
     # Kernels: Triton runs on GPUs and, interpreted (TRITON_INTERPRET=1), on CPU tensors.
     "triton>=3.3",
 ]

@@ -1,24 +1,44 @@
 #!/usr/bin/env bash
-# Visual-RFT main job.
+""":"
+# Visual-RFT main job. This file is both a bash script and a Python script, so both forms work:
 #
-#   bash examples/run_visual_rft.sh                       # the three built-in synthetic tasks
-#   bash examples/run_visual_rft.sh CONFIG.yaml [k=v ...] # one config, with overrides
+#   bash examples/run_visual_rft.sh [CONFIG.yaml] [k=v ...]
+#       starts torchrun itself, from NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT
+#       (one node; on a machine without a GPU, 2 ranks over gloo);
+#   torchrun --nproc_per_node N [--nnodes ... --node_rank ... --master_addr ...] \
+#       examples/run_visual_rft.sh [CONFIG.yaml] [k=v ...]
+#       torchrun runs its script argument with Python: the Python part below trains.
 #
-# Today this runs the reward/eval pipeline (data -> Qwen2-VL preprocessing -> rollout -> rewards ->
-# GRPO advantages and loss on the model -> evaluation) on one process; reports, metrics.json and
-# plots go to each config's trainer.output_dir. The multi-rank GRPO trainer (torchrun, one node to
-# many) replaces the body of this script when it lands; the config files stay the same.
+# With no CONFIG the built-in tiny default runs (examples/configs/tiny_cpu.yaml): an SFT format
+# warm-up, then GRPO on a synthetic colour task, TP = 2 over 2 ranks. Outputs (metrics.jsonl,
+# TensorBoard events, reward_curve.png, checkpoints/, hf_checkpoint/) go to trainer.output_dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-# Triton kernels run interpreted on machines without a GPU.
-if ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-  export TRITON_INTERPRET=1
+if python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  default_nproc=$(python3 -c "import torch; print(torch.cuda.device_count())")
+else
+  default_nproc=2
 fi
-if [ $# -gt 0 ]; then
-  exec python3 tools/run_reward_eval.py --config "$@"
-fi
-for task in classification detection grounding; do
-  python3 tools/run_reward_eval.py --config "examples/configs/synthetic_${task}.yaml"
-done
-echo "reports: outputs/synthetic_{classification,detection,grounding}/report.md"
+exec torchrun \
+  --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "${NPROC_PER_NODE:-$default_nproc}" \
+  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29512}" \
+  examples/run_visual_rft.sh "$@"
+":"""
+# Python part: what each torchrun rank runs.
+import os
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.insert(0, ROOT)
+os.chdir(ROOT)
+
+import train  # noqa: E402  (tools/train.py)
+
+args = sys.argv[1:]
+if args and args[0].endswith((".yaml", ".yml")):
+    config, overrides = args[0], args[1:]
+else:
+    config, overrides = os.path.join("examples", "configs", "tiny_cpu.yaml"), args
+sys.exit(train.main(["--config", config, *overrides]))

@@ -25,7 +25,7 @@ from megatron_vrft.data import (
     read_image_size,
     to_reward_ground_truth,
 )
-from megatron_vrft.eval.evaluate import evaluate_completions
+from megatron_vrft.eval.evaluate import evaluate_completions, with_crowd_regions
 
 
 def read_predictions(path: Path) -> dict[str, str]:
@@ -61,7 +61,11 @@ def evaluate_run(cfg, predictions: dict[str, str], protocol: str = "coco") -> di
         if record.image_size is None:  # a header read, no full decode
             record = dataclasses.replace(record, image_size=read_image_size(record.images[0]))
         resized = compute_resized_size(*record.image_size, image_processor)
-        ground_truths.append(to_reward_ground_truth(record, box_space=d.coord_space, resized_size=resized))
+        gt = to_reward_ground_truth(record, box_space=d.coord_space, resized_size=resized)
+        if d.task == "detection":  # COCO crowd regions: ignored by COCOeval, never false positives
+            g = record.ground_truth
+            gt = with_crowd_regions(gt, g.crowd_boxes, g.crowd_categories, crowd_space=g.coord_space)
+        ground_truths.append(gt)
         if record.source_id not in predictions:
             missing += 1
         completions.append(predictions.get(record.source_id, ""))

@@ -40,9 +40,6 @@ class ModelConfig:
         default="auto",
     )
     freeze_vision: bool = doc("Keep the vision tower frozen during training.", default=False)
-    recompute_activations: bool = doc(
-        "Recompute transformer layer activations in backward to save memory.", default=False
-    )
 
     def validate(self, prefix: str) -> None:
         pass
@@ -76,9 +73,9 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class RolloutConfig:
-    engine: Literal["auto", "vllm", "cpu"] = doc(
-        "Generation engine: vLLM colocated on the GPUs, or the CPU engine with the same interface; "
-        "'auto' picks vLLM when importable with CUDA.",
+    engine: Literal["auto", "vllm", "hf"] = doc(
+        "Generation engine: vLLM colocated on the GPUs, or transformers' generate (any device) "
+        "with the same interface; 'auto' picks vLLM when importable with CUDA, else 'hf'.",
         default="auto",
     )
     num_generations: int = doc("Group size G: responses sampled per prompt.", default=8)
@@ -94,6 +91,17 @@ class RolloutConfig:
     )
     sleep_level: Literal[1, 2] = doc(
         "vLLM sleep level between rollouts: 1 offloads weights to CPU, 2 discards them.", default=1
+    )
+    prompts_per_call: int = doc(
+        "Prompts per engine generate call. The step's prompts are cut into calls of this many, "
+        "each seeded by (seed, step, call index) and dealt to the ranks round-robin, so the "
+        "samples do not depend on the world size or the TP/PP layout.",
+        default=8,
+    )
+    weight_sync_bucket_mb: int = doc(
+        "Weight export to the engine streams buckets of at most this many MiB of this rank's "
+        "shards (whole layers); peak extra memory is one gathered bucket.",
+        default=512,
     )
 
     def validate(self, prefix: str) -> None:
@@ -113,6 +121,10 @@ class RolloutConfig:
             )
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"{prefix}.tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
+        if self.prompts_per_call < 1:
+            raise ConfigError(f"{prefix}.prompts_per_call", self.prompts_per_call, "an integer >= 1")
+        if self.weight_sync_bucket_mb < 1:
+            raise ConfigError(f"{prefix}.weight_sync_bucket_mb", self.weight_sync_bucket_mb, "an integer >= 1")
 
 
 @dataclass(kw_only=True)
@@ -125,9 +137,10 @@ class AlgorithmConfig:
         "mean; 'grpo_batch_std' = (r - group mean) / (batch std + eps).",
         default="grpo",
     )
-    policy_loss: Literal["ppo_clip", "dual_clip", "visual_rft_unclipped"] = doc(
-        "Policy loss: PPO clipped ratio, dual-clip PPO, or Visual-RFT's unclipped ratio "
-        "(old log-probs = detached current).",
+    policy_loss: Literal["ppo_clip", "dual_clip", "visual_rft_unclipped", "gspo", "cispo"] = doc(
+        "Policy loss: PPO clipped ratio, dual-clip PPO, Visual-RFT's unclipped ratio (old "
+        "log-probs = detached current), GSPO (sequence-level ratio) or CISPO (clipped, detached "
+        "importance weight times the log-prob).",
         default="ppo_clip",
     )
     clip_ratio_low: float = doc("Lower clip epsilon: ratio >= 1 - eps_low.", default=0.2)
@@ -140,6 +153,20 @@ class AlgorithmConfig:
     )
     kl_coef: float = doc("Weight beta of the KL penalty; 0 disables the reference model.", default=0.04)
     kl_clamp: float = doc("Clamp of the per-token log-ratio in the KL estimate.", default=10.0)
+    kl_importance_weighted: bool = doc(
+        "Weight the per-token KL term by the (detached) importance ratio pi/pi_old: the KL bias "
+        "correction TRL applies by default since 1.x.",
+        default=False,
+    )
+    rollout_correction: Literal["none", "token", "sequence"] = doc(
+        "Correct for the rollout engine / trainer log-prob mismatch with importance weights "
+        "exp(old_logp - rollout_logp), per token or per sequence; 'none' disables.",
+        default="none",
+    )
+    rollout_correction_mode: Literal["truncate", "mask"] = doc(
+        "Weights above the threshold are capped at it (truncate) or zeroed (mask).", default="truncate"
+    )
+    rollout_correction_threshold: float = doc("Threshold of the rollout correction weights.", default=2.0)
     loss_agg_mode: Literal[
         "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
     ] = doc("How per-token losses are reduced to a scalar.", default="token-mean")
@@ -151,6 +178,8 @@ class AlgorithmConfig:
             value = getattr(self, name)
             if not value >= 0:
                 raise ConfigError(f"{prefix}.{name}", value, "a float >= 0")
+        if not self.rollout_correction_threshold > 0:
+            raise ConfigError(f"{prefix}.rollout_correction_threshold", self.rollout_correction_threshold, "a float > 0")
         if not self.dual_clip_c > 1:
             raise ConfigError(f"{prefix}.dual_clip_c", self.dual_clip_c, "a float > 1")
         if self.ppo_epochs < 1:
@@ -163,7 +192,11 @@ class OptimizerConfig:
     weight_decay: float = doc("Decoupled weight decay (AdamW).", default=0.0)
     betas: tuple[float, float] = doc("Adam betas.", default=(0.9, 0.999))
     grad_clip: float = doc("Global gradient-norm clip; 0 disables.", default=1.0)
-    warmup_steps: int = doc("Linear warm-up steps.", default=0)
+    warmup_steps: int = doc(
+        "Linear LR warm-up steps, of the SFT warm-up and again of GRPO (which starts with a fresh "
+        "optimizer after it).",
+        default=0,
+    )
 
     def validate(self, prefix: str) -> None:
         if not self.lr > 0:
@@ -189,6 +222,11 @@ class DataConfig:
         "Restrict to these category names (e.g. a base or novel split); None keeps all.", default=None
     )
     num_synthetic: int = doc("Number of synthetic examples (source='synthetic').", default=64)
+    synthetic_kind: Literal["photo", "shape", "color"] = doc(
+        "Synthetic classification images: crops of real photographs, shapes to name, or the colour "
+        "of one shape on a 56 x 56 image (the CPU demo's task).",
+        default="photo",
+    )
     seed: int = doc("Seed of sampling and shuffling.", default=0)
     min_pixels: int = doc("Qwen2-VL image processor: minimum pixels after resize.", default=56 * 56)
     max_pixels: int = doc("Qwen2-VL image processor: maximum pixels after resize.", default=448 * 448)
@@ -271,8 +309,30 @@ class TrainerConfig:
     output_dir: str = doc("Run directory: checkpoints, metrics, plots.", default="outputs/run")
     save_interval: int = doc("Steps between checkpoints; 0 saves only at the end.", default=0)
     resume: bool = doc("Resume from the newest complete checkpoint in output_dir.", default=True)
+    sft_warmup_steps: int = doc(
+        "Supervised steps before GRPO that teach the <think>/<answer> format (0 disables).", default=0
+    )
+    sft_warmup_answers: Literal["random", "ground_truth"] = doc(
+        "Answers the warm-up teaches: a random class name (format only: the task itself is left "
+        "to GRPO) or the ground truth.",
+        default="random",
+    )
+    keep_checkpoints: int = doc("Complete checkpoints kept in output_dir (older ones are deleted).", default=2)
+    offload_during_rollout: list[str] = doc(
+        "Trainer state moved to CPU memory while the colocated engine generates (GPU only): any of "
+        "'params', 'grads', 'optimizer'. The reference model is also kept on the CPU except while "
+        "it computes when this is non-empty.",
+        default_factory=lambda: ["grads", "optimizer"],
+    )
 
     def validate(self, prefix: str) -> None:
+        if self.sft_warmup_steps < 0:
+            raise ConfigError(f"{prefix}.sft_warmup_steps", self.sft_warmup_steps, "an integer >= 0")
+        for i, kind in enumerate(self.offload_during_rollout):
+            if kind not in ("params", "grads", "optimizer"):
+                raise ConfigError(f"{prefix}.offload_during_rollout[{i}]", kind, "one of 'params', 'grads', 'optimizer'")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"{prefix}.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
         if self.num_steps < 1:
             raise ConfigError(f"{prefix}.num_steps", self.num_steps, "an integer >= 1")
         if self.micro_batch_tokens < 1:
@@ -287,6 +347,7 @@ class LoggingConfig:
     progress_bar: bool = doc("Show tqdm progress bars on long work.", default=True)
     plots: bool = doc("Write PNG plots of metrics to output_dir.", default=True)
     jsonl: bool = doc("Append metrics to output_dir/metrics.jsonl.", default=True)
+    tensorboard: bool = doc("Write TensorBoard event files to output_dir/tensorboard.", default=True)
 
     def validate(self, prefix: str) -> None:
         if self.log_interval < 1:

@@ -34,6 +34,7 @@ def load_records(
     k_shot: int | None = None,
     categories: Sequence[str] | None = None,
     num_synthetic: int = 64,
+    synthetic_kind: str = "photo",
     seed: int = 0,
     on_error: OnError = "raise",
 ) -> RecordSet:
@@ -52,7 +53,9 @@ def load_records(
         raise ValueError(f"data source {source!r} needs a path")
     if source == "synthetic":
         if task == "classification":
-            records = build_synthetic_classification(num_synthetic, seed=seed, classes=categories)
+            records = build_synthetic_classification(
+                num_synthetic, seed=seed, classes=categories, kind=synthetic_kind
+            )
         elif task == "detection":
             kwargs = {"categories": categories} if categories else {}
             records = build_synthetic_detection(num_synthetic, seed=seed, box_space=box_space, **kwargs)

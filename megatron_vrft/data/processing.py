@@ -186,16 +186,19 @@ def map_ground_truth(
     resized_size: Sequence[int] | None,
 ) -> GroundTruth:
     """``gt`` with ``boxes`` / ``box`` converted into ``dst`` (float64, no rounding)."""
-    if gt.boxes is None and gt.box is None:
+    if gt.boxes is None and gt.box is None and gt.crowd_boxes is None:
         return GroundTruth(coord_space=dst, label=gt.label, synonyms=gt.synonyms)
     kw = dict(image_size=image_size, resized_size=resized_size)
+    convert = lambda b: None if b is None else convert_boxes(b, gt.coord_space, dst, **kw)  # noqa: E731
     return GroundTruth(
         coord_space=dst,
         label=gt.label,
         synonyms=gt.synonyms,
-        boxes=None if gt.boxes is None else convert_boxes(gt.boxes, gt.coord_space, dst, **kw),
+        boxes=convert(gt.boxes),
         categories=gt.categories,
-        box=None if gt.box is None else convert_boxes(gt.box, gt.coord_space, dst, **kw),
+        box=convert(gt.box),
+        crowd_boxes=convert(gt.crowd_boxes),
+        crowd_categories=gt.crowd_categories,
     )
 
 

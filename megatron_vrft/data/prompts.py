@@ -120,3 +120,30 @@ def build_grounding_prompt(query: str, *, box_space: CoordSpace) -> str:
         "<think> ... </think> <answer>[x1, y1, x2, y2]</answer>\n"
         f"{STRICT_FORMAT}"
     )
+
+
+def format_answer(ground_truth, task: str) -> str:
+    """The ``<think>...</think> <answer>...</answer>`` completion a perfect model writes for a
+    model-space ground truth (SFT targets): a class name, one box, or the box list with confidence
+    1.0 (and labels when the record has several categories). Coordinates are rounded to integers.
+    """
+    if task == "classification":
+        answer = ground_truth.label
+    elif task == "grounding":
+        answer = "[" + ", ".join(str(round(float(v))) for v in ground_truth.box) + "]"
+    elif task == "detection":
+        boxes = [] if ground_truth.boxes is None else list(ground_truth.boxes)
+        categories = list(ground_truth.categories or [])
+        several = len(set(categories)) > 1
+        if not boxes:
+            answer = NO_OBJECTS
+        else:
+            entries = []
+            for i, box in enumerate(boxes):
+                pos = ", ".join(str(round(float(v))) for v in box)
+                label = f", 'Label': '{categories[i]}'" if several else ""
+                entries.append(f"{{'Position': [{pos}], 'Confidence': 1.0{label}}}")
+            answer = "[" + ", ".join(entries) + "]"
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    return f"<think>I look at the image.</think> <answer>{answer}</answer>"

@@ -7,6 +7,7 @@ missing, unreadable or truncated image.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from dataclasses import dataclass, field
@@ -145,6 +146,12 @@ class GroundTruth:
     """Detection: the category name of each box, length ``K``."""
     box: np.ndarray | None = None
     """Grounding: ``(4,)`` float64, the one referred box."""
+    crowd_boxes: np.ndarray | None = None
+    """Detection, evaluation only: ``(C, 4)`` float64 crowd regions (COCO ``iscrowd=1``) in
+    ``coord_space``, kept apart from ``boxes`` so rewards never see them; evaluation ignores
+    detections on them. ``None``: the source has no crowd information."""
+    crowd_categories: tuple[str, ...] = ()
+    """The category name of each crowd region, length ``C``."""
 
     def __post_init__(self) -> None:
         if self.coord_space not in COORD_SPACES:
@@ -160,6 +167,15 @@ class GroundTruth:
                 )
         if self.box is not None:
             self.box = np.asarray(self.box, dtype=np.float64).reshape(4)
+        self.crowd_categories = tuple(self.crowd_categories)
+        if self.crowd_boxes is not None:
+            self.crowd_boxes = np.asarray(self.crowd_boxes, dtype=np.float64).reshape(-1, 4)
+        num_crowd = 0 if self.crowd_boxes is None else len(self.crowd_boxes)
+        if len(self.crowd_categories) != num_crowd:
+            raise ValueError(
+                f"detection ground truth has {num_crowd} crowd boxes but "
+                f"{len(self.crowd_categories)} crowd category names"
+            )
 
 
 @dataclass(kw_only=True)
@@ -255,7 +271,8 @@ def check_ground_truth_boxes(
 
     Detection: degenerate boxes are dropped and counted (``on_error="skip"``) or raise.
     Grounding: a degenerate box always fails the record (raises ``DataError``; a reader in skip
-    mode counts the record). Returns a new :class:`GroundTruth`.
+    mode counts the record). Crowd regions are passed through unchecked. Returns a new
+    :class:`GroundTruth`.
     """
     if gt.boxes is not None:
         boxes, keep = sanitize_boxes(
@@ -276,14 +293,7 @@ def check_ground_truth_boxes(
             for _ in range(int((~keep).sum())):
                 skips.add(DEGENERATE_BOX, name, message + "; box dropped")
         categories = tuple(c for c, k in zip(gt.categories, keep) if k)
-        gt = GroundTruth(
-            coord_space=gt.coord_space,
-            label=gt.label,
-            synonyms=gt.synonyms,
-            boxes=boxes[keep],
-            categories=categories,
-            box=gt.box,
-        )
+        gt = dataclasses.replace(gt, boxes=boxes[keep], categories=categories)
     if gt.box is not None:
         boxes, keep = sanitize_boxes(
             gt.box[None],
@@ -295,14 +305,7 @@ def check_ground_truth_boxes(
         )
         if not keep[0]:
             raise DataError(f"{name}: degenerate grounding box {boxes[0].tolist()}", DEGENERATE_BOX)
-        gt = GroundTruth(
-            coord_space=gt.coord_space,
-            label=gt.label,
-            synonyms=gt.synonyms,
-            boxes=gt.boxes,
-            categories=gt.categories,
-            box=boxes[0],
-        )
+        gt = dataclasses.replace(gt, box=boxes[0])
     return gt
 
 

@@ -42,6 +42,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "white": (250, 250, 250),
     "cyan": (0, 205, 225),
 }
+# Default classes of the colour task (``kind="color"``).
+COLOR_CLASSES: tuple[str, ...] = ("red", "green", "blue", "yellow")
 # Classification classes backed by real photographs: label -> (package, name).
 PHOTO_CLASSES: dict[str, tuple[str, str]] = {
     "astronaut": ("skimage", "astronaut"),
@@ -183,20 +185,39 @@ def _finish_image(img: Image.Image, out_dir: Path | None, name: str):
     return path
 
 
+def _color_scene(rng: np.random.Generator, color: str, size: tuple[int, int]) -> Image.Image:
+    """A jittered ``color`` circle or square (45-80 % of the short side) on noisy grey."""
+    w, h = size
+    grey = rng.integers(90, 166)
+    noise = rng.normal(0.0, 12.0, size=(h, w, 3))
+    img = Image.fromarray(np.clip(grey + noise, 0, 255).astype(np.uint8), "RGB")
+    s = int(rng.integers(int(0.45 * min(w, h)), int(0.8 * min(w, h)) + 1))
+    x, y = int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1))
+    rgb = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in COLORS[color])
+    mask = draw_shape_mask(("circle", "square")[int(rng.integers(2))], size, x, y, s)
+    img.paste(Image.new("RGB", size, rgb), (0, 0), mask)
+    return img
+
+
 def build_synthetic_classification(
     num_records: int,
     *,
     seed: int = 0,
-    kind: Literal["photo", "shape"] = "photo",
+    kind: Literal["photo", "shape", "color"] = "photo",
     classes: Sequence[str] | None = None,
-    image_size: tuple[int, int] = (160, 120),
+    image_size: tuple[int, int] | None = None,
     out_dir: str | Path | None = None,
 ) -> RecordSet:
     """Classification records cycling through ``classes``.
 
     ``kind="photo"``: classes are :data:`PHOTO_CLASSES` labels; each record is a seeded random
     crop (50-100 % of each side) of the photograph, maybe flipped. ``kind="shape"``: classes are
-    shape names; one shape of a random colour on a plain background.
+    shape names; one shape of a random colour on a plain background. ``kind="color"``: classes are
+    colour names (default red, green, blue, yellow); one circle or square of that colour (jittered
+    by +-25 per channel) on a noisy grey background, 56 x 56 by default: 4 image tokens at the
+    default ``min_pixels``, the task the CPU demo trains on (one answer token per class).
+
+    ``image_size`` defaults to 160 x 120 (56 x 56 for ``"color"``).
     """
     rng = np.random.default_rng(seed)
     out = Path(out_dir) if out_dir is not None else None
@@ -207,8 +228,16 @@ def build_synthetic_classification(
     elif kind == "shape":
         names = list(classes or SHAPES)
         prompt = build_classification_prompt(object_type="shape", attribute="shape")
+    elif kind == "color":
+        names = list(classes or COLOR_CLASSES)
+        unknown = sorted(set(names) - set(COLORS))
+        if unknown:
+            raise ValueError(f"unknown colour classes {unknown}; available: {sorted(COLORS)}")
+        prompt = build_classification_prompt(object_type="shape", attribute="color")
     else:
-        raise ValueError(f"kind must be 'photo' or 'shape', got {kind!r}")
+        raise ValueError(f"kind must be 'photo', 'shape' or 'color', got {kind!r}")
+    if image_size is None:
+        image_size = (56, 56) if kind == "color" else (160, 120)
     records = []
     for i in range(num_records):
         label = names[i % len(names)]
@@ -220,6 +249,8 @@ def build_synthetic_classification(
             img = photo.crop((x0, y0, x0 + cw, y0 + ch)).resize(image_size, Image.BICUBIC)
             if rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        elif kind == "color":
+            img = _color_scene(rng, label, image_size)
         else:
             color = list(COLORS)[int(rng.integers(len(COLORS)))]
             img, _, _ = compose_scene(

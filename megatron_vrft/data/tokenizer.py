@@ -32,6 +32,9 @@ QWEN2VL_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|video_pad|>",
 )
 
+# The format reward's tags, added to the tiny tokenizer as single (non-special) tokens.
+THINK_ANSWER_TAGS: tuple[str, ...] = ("<think>", "</think>", "<answer>", "</answer>")
+
 # Qwen2's pre-tokenizer regex (public tokenizer configuration): contractions, letter runs,
 # single digits, punctuation runs, newlines, spaces.
 QWEN2_PRETOKENIZE_REGEX = (
@@ -190,6 +193,9 @@ def build_tiny_tokenizer(
         clean_up_tokenization_spaces=False,
         additional_special_tokens=list(QWEN2VL_SPECIAL_TOKENS[1:]),
     )
+    # One token per think/answer tag: a tiny model trained from scratch confuses the positions after
+    # ``<answer`` and ``</answer`` when the tags share sub-word tokens (measured: format collapse).
+    hf_tok.add_tokens(list(THINK_ANSWER_TAGS))
     hf_tok.chat_template = QWEN2VL_CHAT_TEMPLATE
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -37,10 +37,15 @@ Patched behaviours (megatron-core 0.16.1), each with a test in
    checkpoint writer calls ``torch.cuda.synchronize()`` in ``preload_tensors`` (every save) and
    builds small bookkeeping tensors on ``torch.cuda.current_device()``.
 
-Known CUDA hard-codes NOT patched yet (not on the model's forward/backward path; the trainer
-will need some of them): ``optimizer/optimizer.py`` and ``optimizer/clip_grads.py`` (asserts
-``torch.cuda.FloatTensor``, CUDA norm buffers), ``distributed/param_and_grad_buffer.py`` (CUDA
-buffers), ``models/common/embeddings/rope_utils.py`` (context-parallel index ``.cuda()``),
+10. ``distributed/{param_and_grad_buffer,distributed_data_parallel}.py``: megatron's DDP allocates
+    its contiguous parameter/gradient buffers on ``torch.cuda.current_device()``.
+11. ``optimizer/{optimizer,clip_grads}.py``: CUDA overflow/norm buffers, and
+    ``clip_grad_by_total_norm_fp32`` asserts ``param.grad.type() == 'torch.cuda.FloatTensor'``;
+    during that one function a CPU float32 tensor reports the CUDA type name (a tensor method, so
+    the function is wrapped, as in 8).
+
+Known CUDA hard-codes NOT patched (not on any path the project runs): the distributed optimizer,
+``models/common/embeddings/rope_utils.py`` (context-parallel index ``.cuda()``),
 ``transformer/attention.py`` / ``gpt_model.py`` (inference KV caches),
 ``transformer/transformer_layer.py`` (CUDA-graph paths), ``multi_token_prediction.py``.
 
@@ -76,6 +81,10 @@ PATCHED_MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
 )
 
 _PATCH_MARK = "_megatron_vrft_cpu_compat"
@@ -178,6 +187,40 @@ def _patch_language_module() -> None:
     cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
+@contextlib.contextmanager
+def _cpu_float_reports_cuda_type():
+    original = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        return "torch.cuda.FloatTensor" if not args and not kwargs and name == "torch.FloatTensor" else name
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _patch_clip_grads() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    fn = getattr(clip_grads, "clip_grad_by_total_norm_fp32", None)
+    if fn is None or getattr(optimizer, "clip_grad_by_total_norm_fp32", None) is None:
+        raise RuntimeError("cpu_compat: clip_grad_by_total_norm_fp32 is gone; re-verify the patch")
+    if getattr(fn, _PATCH_MARK, False):
+        return
+
+    @functools.wraps(fn)
+    def clip_grad_by_total_norm_fp32(*args, **kwargs):
+        with _cpu_float_reports_cuda_type():
+            return fn(*args, **kwargs)
+
+    setattr(clip_grad_by_total_norm_fp32, _PATCH_MARK, True)
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
 def _check_version() -> str:
     from megatron.core import __version__ as version
 
@@ -197,7 +240,11 @@ def is_cpu_compat_applied() -> bool:
 
     return all(
         getattr(importlib.import_module(name), _PATCH_MARK, False) for name in PATCHED_MODULES
-    ) and getattr(LanguageModule.setup_embeddings_and_output_layer, _PATCH_MARK, False)
+    ) and getattr(LanguageModule.setup_embeddings_and_output_layer, _PATCH_MARK, False) and getattr(
+        importlib.import_module("megatron.core.optimizer.clip_grads").clip_grad_by_total_norm_fp32,
+        _PATCH_MARK,
+        False,
+    )
 
 
 def apply_cpu_compat_patches(*, force: bool = False) -> bool:
@@ -224,4 +271,5 @@ def apply_cpu_compat_patches(*, force: bool = False) -> bool:
         module.torch = proxy
         setattr(module, _PATCH_MARK, True)
     _patch_language_module()
+    _patch_clip_grads()
     return True

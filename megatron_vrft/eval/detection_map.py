@@ -7,6 +7,12 @@ categories verified present (``pos_category_ids``, implied by its annotations) a
 LVIS's ``not_exhaustive_category_ids`` (unmatched detections of such categories are ignored) needs
 matching information COCOeval does not expose, so it is not applied: results for LVIS are then a
 slight under-estimate on not-exhaustive categories, and the returned dict says so.
+
+Category names are compared after :func:`megatron_vrft.rewards.classification.normalize_label`, the
+normalisation the detection rewards use (``match_categories``): a prediction labelled ``"Cat"``
+counts for category ``"cat"``. Crowd regions (COCO ``iscrowd=1``) go to COCOeval as crowd
+annotations: a detection on one is ignored (neither a true nor a false positive), as in the official
+evaluation.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import io
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from megatron_vrft.rewards.classification import normalize_label
 
 
 @dataclass(kw_only=True)
@@ -32,6 +40,10 @@ class ImageDetections:
     pred_categories: list[str]
     neg_categories: list[str] = field(default_factory=list)
     """LVIS: categories verified absent from the image (federated evaluation)."""
+    crowd_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    """``(C, 4)`` crowd regions (COCO ``iscrowd=1``): detections on them are ignored."""
+    crowd_categories: list[str] = field(default_factory=list)
+    """The category of each crowd region, length ``C``."""
 
 
 def _xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
@@ -49,6 +61,9 @@ def compute_box_map(
     ``per_category`` AP@[.5:.95] (NaN where a category has no ground truth).
 
     ``protocol``: ``"coco"`` or ``"lvis"`` (federated filtering, see module docstring).
+    Names (``categories``, ground truth, crowd regions, predictions) are matched after
+    ``normalize_label``; two ``categories`` that normalise to the same name raise ``ValueError``,
+    a prediction whose name matches no category is dropped (it cannot be matched).
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -57,28 +72,45 @@ def compute_box_map(
         raise ValueError(f"protocol must be 'coco' or 'lvis', got {protocol!r}")
     if not images:
         raise ValueError("compute_box_map needs at least one image")
-    cat_ids = {name: i + 1 for i, name in enumerate(categories)}
-    gt = {"images": [], "annotations": [], "categories": [{"id": i, "name": n} for n, i in cat_ids.items()]}
+    cat_ids: dict[str, int] = {}  # normalised name -> COCO category id (1-based index into categories)
+    for i, name in enumerate(categories):
+        key = normalize_label(name)
+        if not key:
+            raise ValueError(f"category {name!r} is empty after label normalisation")
+        if key in cat_ids:
+            raise ValueError(f"categories {categories[cat_ids[key] - 1]!r} and {name!r} are the same "
+                             f"category after label normalisation ({key!r})")
+        cat_ids[key] = i + 1
+    gt = {"images": [], "annotations": [],
+          "categories": [{"id": i + 1, "name": n} for i, n in enumerate(categories)]}
     dets = []
     ann_id = 1
     for img in images:
         gt["images"].append({"id": img.image_id, "width": img.width, "height": img.height})
-        for box, cat in zip(_xyxy_to_xywh(img.gt_boxes), img.gt_categories):
-            if cat not in cat_ids:
-                raise ValueError(f"image {img.image_id}: ground-truth category {cat!r} is not in categories")
-            gt["annotations"].append(
-                {"id": ann_id, "image_id": img.image_id, "category_id": cat_ids[cat], "bbox": box.tolist(),
-                 "area": float(box[2] * box[3]), "iscrowd": 0}
-            )
-            ann_id += 1
-        evaluated = set(img.gt_categories) | set(img.neg_categories)
+        crowd_boxes = np.asarray(img.crowd_boxes, dtype=np.float64).reshape(-1, 4)
+        if len(img.crowd_categories) != len(crowd_boxes):
+            raise ValueError(f"image {img.image_id}: {len(crowd_boxes)} crowd regions but "
+                             f"{len(img.crowd_categories)} crowd categories")
+        for boxes, names, crowd in ((img.gt_boxes, img.gt_categories, 0), (crowd_boxes, img.crowd_categories, 1)):
+            for box, cat in zip(_xyxy_to_xywh(boxes), names):
+                cat_id = cat_ids.get(normalize_label(cat))
+                if cat_id is None:
+                    kind = "crowd-region" if crowd else "ground-truth"
+                    raise ValueError(f"image {img.image_id}: {kind} category {cat!r} is not in categories")
+                gt["annotations"].append(
+                    {"id": ann_id, "image_id": img.image_id, "category_id": cat_id, "bbox": box.tolist(),
+                     "area": float(box[2] * box[3]), "iscrowd": crowd}
+                )
+                ann_id += 1
+        evaluated = {normalize_label(c) for c in (*img.gt_categories, *img.crowd_categories, *img.neg_categories)}
         for box, score, cat in zip(_xyxy_to_xywh(img.pred_boxes), np.asarray(img.pred_scores).reshape(-1),
                                    img.pred_categories):
-            if cat not in cat_ids:
+            key = normalize_label(cat)
+            if key not in cat_ids:
                 continue  # a hallucinated category name cannot be matched: it scores nothing
-            if protocol == "lvis" and cat not in evaluated:
+            if protocol == "lvis" and key not in evaluated:
                 continue
-            dets.append({"image_id": img.image_id, "category_id": cat_ids[cat], "bbox": box.tolist(),
+            dets.append({"image_id": img.image_id, "category_id": cat_ids[key], "bbox": box.tolist(),
                          "score": float(score)})
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -86,7 +118,7 @@ def compute_box_map(
         coco_gt.dataset = gt
         coco_gt.createIndex()
         if not dets:
-            return _empty_result(categories, coco_gt, protocol)
+            return _empty_result(categories, coco_gt, protocol, max_dets)
         coco_dt = coco_gt.loadRes(dets)
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
         evaluator.params.maxDets = [1, 10, max_dets]
@@ -113,10 +145,11 @@ def compute_box_map(
     return result
 
 
-def _empty_result(categories, coco_gt, protocol):
-    present = {coco_gt.cats[a["category_id"]]["name"] for a in coco_gt.dataset["annotations"]}
+def _empty_result(categories, coco_gt, protocol, max_dets):
+    # crowd regions are ignored ground truth: a category with only those has no AP (NaN)
+    present = {coco_gt.cats[a["category_id"]]["name"] for a in coco_gt.dataset["annotations"] if not a["iscrowd"]}
     return {
-        "mAP": 0.0, "AP50": 0.0, "AP75": 0.0, "AR@100": 0.0,
+        "mAP": 0.0, "AP50": 0.0, "AP75": 0.0, f"AR@{max_dets}": 0.0,
         "per_category": {c: (0.0 if c in present else float("nan")) for c in categories},
         "protocol": protocol,
     }

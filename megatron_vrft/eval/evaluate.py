@@ -6,7 +6,14 @@
 
 Completions are parsed with the rewards package's parsers, so evaluation and training agree on
 what a valid answer is; unparsable completions count as empty predictions (detection, grounding) or
-wrong answers (classification), and their reasons are reported.
+wrong answers (classification), and their reasons are reported. Detection labels are matched with
+the rewards' ``normalize_label`` (``"Cat"`` answers category ``"cat"``).
+
+Detection ground truths are the rewards' dicts, plus two optional evaluation-only keys (never
+passed to the rewards): ``crowd_boxes`` ``(C, 4)`` in the same ``box_space`` as ``boxes`` and
+``crowd_categories`` (``C`` names): COCO ``iscrowd=1`` regions, evaluated as crowd annotations (a
+detection on one is ignored). :func:`with_crowd_regions` adds them to a rewards dict. Boxes are
+evaluated in original pixels when ``image_size`` is known (COCO's protocol), else in ``box_space``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,18 @@ import torch
 
 from megatron_vrft.eval.detection_map import ImageDetections, compute_box_map
 from megatron_vrft.eval.grounding import compute_grounding_metrics
-from megatron_vrft.rewards import as_ground_truths, compute_rewards, extract_answer, parse_boxes, parse_single_box
+from megatron_vrft.rewards import (
+    as_ground_truths,
+    compute_rewards,
+    convert_boxes,
+    extract_answer,
+    parse_boxes,
+    parse_single_box,
+)
+from megatron_vrft.rewards.classification import normalize_label  # what the detection rewards match with
+
+CROWD_KEYS = ("crowd_boxes", "crowd_categories")
+"""Evaluation-only ground-truth keys (detection): crowd regions, see the module docstring."""
 
 
 def evaluate_classification(
@@ -49,19 +67,73 @@ def _extent(gt) -> tuple[float, float]:
     return float(size[0]), float(size[1])
 
 
+def _crowd_regions(gt: Any, index: int) -> tuple[np.ndarray, list[str] | None]:
+    """``(C, 4)`` float64 crowd regions and their names (None: not given) of one ground truth."""
+    if not isinstance(gt, Mapping) or gt.get("crowd_boxes") is None:
+        if isinstance(gt, Mapping) and gt.get("crowd_categories"):
+            raise ValueError(f"ground_truths[{index}].crowd_categories given without crowd_boxes")
+        return np.zeros((0, 4)), None
+    try:
+        boxes = np.asarray(torch.as_tensor(gt["crowd_boxes"], dtype=torch.float64).cpu().numpy())
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"ground_truths[{index}].crowd_boxes: not numeric: {gt['crowd_boxes']!r}")
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"ground_truths[{index}].crowd_boxes: expected shape (C, 4), got {boxes.shape}")
+    if not np.isfinite(boxes).all() or ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
+        raise ValueError(f"ground_truths[{index}].crowd_boxes: non-finite or inverted box")
+    names = gt.get("crowd_categories")
+    if names is not None:
+        if not isinstance(names, (list, tuple)) or not all(isinstance(c, str) for c in names):
+            raise ValueError(f"ground_truths[{index}].crowd_categories: expected a sequence of str")
+        if len(names) != len(boxes):
+            raise ValueError(f"ground_truths[{index}].crowd_categories: need one category per crowd box")
+        names = list(names)
+    return boxes, names
+
+
+def with_crowd_regions(
+    ground_truth: Mapping[str, Any],
+    crowd_boxes: Any,
+    crowd_categories: Sequence[str],
+    *,
+    crowd_space: str,
+) -> dict[str, Any]:
+    """``ground_truth`` (a rewards dict) with the crowd regions added for :func:`evaluate_detection`:
+    ``crowd_boxes (C, 4)`` converted from ``crowd_space`` into the ground truth's ``box_space``
+    (with its ``image_size`` / ``resized_size``). ``crowd_boxes=None`` returns a plain copy."""
+    out = dict(ground_truth)
+    if crowd_boxes is None:
+        return out
+    boxes = torch.as_tensor(np.asarray(crowd_boxes, dtype=np.float64).reshape(-1, 4))
+    dst = out.get("box_space") or crowd_space
+    boxes = convert_boxes(boxes, crowd_space, dst, image_size=out.get("image_size"),
+                          resized_size=out.get("resized_size"))
+    out["crowd_boxes"] = boxes.numpy()
+    out["crowd_categories"] = tuple(crowd_categories)
+    return out
+
+
 def evaluate_detection(
     completions: Sequence[str],
     ground_truths: Sequence[Mapping[str, Any]],
     *,
     protocol: str = "coco",
 ) -> dict[str, Any]:
-    gts = as_ground_truths(ground_truths, len(completions))
+    crowds = [_crowd_regions(g, i) for i, g in enumerate(ground_truths)]
+    stripped = [{k: v for k, v in g.items() if k not in CROWD_KEYS} if isinstance(g, Mapping) else g
+                for g in ground_truths]
+    gts = as_ground_truths(stripped, len(completions))
     failures: Counter = Counter()
     images = []
-    categories: set[str] = set()
-    for i, (text, gt) in enumerate(zip(completions, gts)):
+    names_by_key: dict[str, str] = {}  # normalised category -> the name reported (first in sort order)
+    for i, (text, gt, (crowd_boxes, crowd_names)) in enumerate(zip(completions, gts, crowds)):
         gt_categories = list(gt.categories) if gt.categories else ["object"] * len(gt.boxes)
-        categories.update(gt_categories)
+        crowd_categories = crowd_names if crowd_names is not None else ["object"] * len(crowd_boxes)
+        for name in (*gt_categories, *crowd_categories):
+            key = normalize_label(name)
+            names_by_key[key] = min(names_by_key.get(key, name), name)
         answer, reason = extract_answer(text)
         preds = None
         if reason is None:
@@ -70,17 +142,32 @@ def evaluate_detection(
             failures[str(getattr(reason, "value", reason))] += 1
             preds = []
         # a prediction without a label answers the prompt's (single) category
-        default_label = gt_categories[0] if len(set(gt_categories)) == 1 else "object"
-        w, h = _extent(gt)
+        asked = gt_categories or crowd_categories
+        default_label = asked[0] if len({normalize_label(c) for c in asked}) == 1 else "object"
+        gt_boxes = gt.boxes.double() if isinstance(gt.boxes, torch.Tensor) else torch.as_tensor(
+            np.asarray(gt.boxes, dtype=np.float64))
+        pred_boxes = torch.tensor([p.box for p in preds], dtype=torch.float64).reshape(-1, 4)
+        crowd_t = torch.as_tensor(crowd_boxes, dtype=torch.float64)
+        # Evaluate in original pixels when the sizes allow (COCO's protocol; IoU is the same in any
+        # of the spaces, the area ranges are not), else in the ground truth's own space.
+        if gt.image_size is not None and (gt.box_space != "pixels_resized" or gt.resized_size is not None):
+            kw = dict(image_size=gt.image_size, resized_size=gt.resized_size)
+            gt_boxes, pred_boxes, crowd_t = (convert_boxes(b, gt.box_space, "pixels_original", **kw)
+                                             for b in (gt_boxes, pred_boxes, crowd_t))
+            w, h = gt.image_size
+        else:
+            w, h = _extent(gt)
         images.append(ImageDetections(
-            image_id=i + 1, width=int(w), height=int(h),
-            gt_boxes=gt.boxes.double().numpy() if isinstance(gt.boxes, torch.Tensor) else np.asarray(gt.boxes),
+            image_id=i + 1, width=int(round(w)), height=int(round(h)),
+            gt_boxes=gt_boxes.numpy(),
             gt_categories=gt_categories,
-            pred_boxes=np.array([p.box for p in preds], dtype=np.float64).reshape(-1, 4),
+            pred_boxes=pred_boxes.numpy(),
             pred_scores=np.array([1.0 if p.confidence is None else p.confidence for p in preds]),
-            pred_categories=[p.label if p.label else default_label for p in preds],
+            pred_categories=[p.label if p.label and normalize_label(p.label) else default_label for p in preds],
+            crowd_boxes=crowd_t.numpy(),
+            crowd_categories=crowd_categories,
         ))
-    result = compute_box_map(images, sorted(categories), protocol=protocol)
+    result = compute_box_map(images, sorted(names_by_key.values()), protocol=protocol)
     result["num_samples"] = len(completions)
     result["parse_failures"] = dict(failures)
     return result

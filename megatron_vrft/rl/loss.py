@@ -3,13 +3,19 @@
 ``compute_grpo_loss`` is the torch reference of the fused Triton kernel
 (``megatron_vrft.ops.grpo_loss.fused_grpo_loss``, same argument names and semantics)::
 
-    per_token = L_policy(logp, old_logp, A)  +  kl_coef * KL(logp, ref_logp)
+    per_token = w * L_policy(logp, old_logp, A)  +  kl_coef * rho * KL(logp, ref_logp)
     loss      = aggregate(per_token, response_mask, loss_agg_mode)
+
+``w`` is ``token_weights`` ``(B, T)`` (detached; e.g. the rollout-mismatch weights of
+``rollout_correction.compute_rollout_correction``), 1 when ``None``. ``rho`` is 1 unless
+``kl_importance_weighted`` (TRL's KL bias correction): then ``rho = sg[exp(log_r)]`` with the clamped
+``log r = logp - old_logp`` (1 without ``old_log_probs``), because the tokens were sampled from
+``pi_old``, not the current policy. The fused kernel supports neither (both default off).
 
 Metrics (detached scalars; token means are over valid tokens, 0 when there are none):
 
-- ``pg_loss``, ``kl_loss``: the two terms aggregated with ``loss_agg_mode``
-  (``loss = pg_loss + kl_coef * kl_loss``; ``kl_loss`` only with ``ref_log_probs``).
+- ``pg_loss``, ``kl_loss``: the two terms (``w * L_policy``, ``rho * KL``) aggregated with
+  ``loss_agg_mode`` (``loss = pg_loss + kl_coef * kl_loss``; ``kl_loss`` only with ``ref_log_probs``).
 - ``clip_frac_low``, ``clip_frac_high``, ``clip_frac`` (their sum), ``dual_clip_frac``: token
   fractions where each bound is active (see ``policy_loss.TokenPolicyLoss``).
 - ``approx_kl``: token mean of ``(r - 1) - log r`` with ``log r = logp - old_logp`` (clamped), i.e.
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import megatron_vrft.rl.gspo_cispo  # noqa: F401  (registers "gspo" and "cispo")
 from megatron_vrft.rl.aggregation import aggregate_loss, masked_token_mean
 from megatron_vrft.rl.kl import compute_kl
 from megatron_vrft.rl.policy_loss import POLICY_LOSSES, TokenPolicyLoss
@@ -108,9 +115,13 @@ def compute_grpo_loss(
     log_ratio_clamp: float | None = 20.0,
     max_response_length: int | None = None,
     normalizer: float | torch.Tensor | None = None,
+    kl_importance_weighted: bool = False,
+    token_weights: torch.Tensor | None = None,
 ) -> PolicyLossResult:
     """GRPO loss (torch reference); see the module docstring. ``log_ratio_clamp`` bounds both
-    ``logp - old_logp`` and ``logp - ref_logp``; ``kl_clamp`` bounds the KL estimate."""
+    ``logp - old_logp`` and ``logp - ref_logp``; ``kl_clamp`` bounds the KL estimate.
+    ``token_weights`` ``(B, T)`` scales the per-token policy loss; ``kl_importance_weighted`` scales
+    the KL term by the detached ratio ``exp(logp - old_logp)``."""
     if log_probs.dim() != 2 or response_mask.shape != log_probs.shape:
         raise ValueError(
             f"log_probs {tuple(log_probs.shape)} and response_mask {tuple(response_mask.shape)} "
@@ -121,16 +132,26 @@ def compute_grpo_loss(
     token = POLICY_LOSSES.get(policy_loss)(
         log_probs, old_log_probs, advantages, clip_eps_low=clip_eps_low,
         clip_eps_high=clip_eps_high, clip_ratio_c=clip_ratio_c, log_ratio_clamp=log_ratio_clamp,
+        response_mask=response_mask,
     )
     agg = dict(max_response_length=max_response_length, normalizer=normalizer)
     per_token = token.loss
+    if token_weights is not None:
+        if token_weights.shape != log_probs.shape:
+            raise ValueError(f"token_weights {tuple(token_weights.shape)} must be (B, T) like log_probs")
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
     metrics = compute_policy_metrics(token, response_mask)
-    metrics["pg_loss"] = aggregate_loss(token.loss, response_mask, loss_agg_mode, **agg).detach()
+    metrics["pg_loss"] = aggregate_loss(per_token, response_mask, loss_agg_mode, **agg).detach()
     if ref_log_probs is not None:
         kl = compute_kl(
             log_probs, ref_log_probs, kl_estimator, log_ratio_clamp=log_ratio_clamp,
             kl_clamp=kl_clamp,
         )
+        if kl_importance_weighted and old_log_probs is not None:
+            log_r = log_probs.detach().to(kl.dtype) - old_log_probs.detach().to(kl.dtype)
+            if log_ratio_clamp is not None:
+                log_r = log_r.clamp(-log_ratio_clamp, log_ratio_clamp)
+            kl = torch.exp(log_r) * kl
         metrics["kl_loss"] = aggregate_loss(kl, response_mask, loss_agg_mode, **agg).detach()
         if kl_coef != 0.0:
             per_token = per_token + kl_coef * kl

@@ -7,9 +7,11 @@ Notation, per token: ``A`` advantage (``(B,)`` broadcast over tokens, or ``(B, T
     dual_clip             L = min(L_ppo_clip, -A c)   where A < 0,   L_ppo_clip elsewhere   (c > 1)
     visual_rft_unclipped  L = -A r,  r = exp(logp - stopgrad(logp))  (old := new detached, r = 1)
 
-``eps_low != eps_high`` is DAPO's clip-higher. The unclipped variant is the single-update GRPO of
-TRL's ``GRPOTrainer`` used by Visual-RFT: its value is ``-A`` and its gradient ``-A * dlogp``; it
-ignores ``old_log_probs``.
+``eps_low != eps_high`` is DAPO's clip-higher. Every registered loss takes the same keyword
+arguments, including ``response_mask`` ``(B, T)`` (read only by sequence-level losses such as
+``gspo``; ``gspo`` and ``cispo`` live in ``megatron_vrft.rl.gspo_cispo``). The unclipped variant is
+the single-update GRPO of TRL's ``GRPOTrainer`` used by Visual-RFT: its value is ``-A`` and its
+gradient ``-A * dlogp``; it ignores ``old_log_probs``.
 
 Branch choice (and so the gradient) is made with strict comparisons: the clipped term is taken only
 when ``-A clip(r) > -A r`` (so ``r`` is strictly outside the clip range and the term is constant),
@@ -101,6 +103,7 @@ def compute_ppo_clip_loss(
     clip_eps_high: float = 0.2,
     clip_ratio_c: float = 3.0,
     log_ratio_clamp: float | None = 20.0,
+    response_mask: torch.Tensor | None = None,
 ) -> TokenPolicyLoss:
     """PPO clipped surrogate with separate low/high clip (``clip_ratio_c`` unused)."""
     loss, _, ratio, log_ratio, low, high = _clipped(
@@ -122,6 +125,7 @@ def compute_dual_clip_loss(
     clip_eps_high: float = 0.2,
     clip_ratio_c: float = 3.0,
     log_ratio_clamp: float | None = 20.0,
+    response_mask: torch.Tensor | None = None,
 ) -> TokenPolicyLoss:
     """Dual-clip PPO: ppo_clip, then ``min(., -A c)`` on tokens with ``A < 0``; needs ``c > 1``."""
     if not clip_ratio_c > 1.0:
@@ -148,6 +152,7 @@ def compute_visual_rft_unclipped_loss(
     clip_eps_high: float = 0.2,
     clip_ratio_c: float = 3.0,
     log_ratio_clamp: float | None = 20.0,
+    response_mask: torch.Tensor | None = None,
 ) -> TokenPolicyLoss:
     """``-A * exp(logp - stopgrad(logp))``: value ``-A``, gradient ``-A``; other arguments unused."""
     dtype = _compute_dtype(log_probs)
@@ -163,5 +168,5 @@ def compute_visual_rft_unclipped_loss(
 
 
 def get_policy_loss(name: str) -> PolicyLossFn:
-    """Look up ``"ppo_clip" | "dual_clip" | "visual_rft_unclipped"``."""
+    """Look up ``"ppo_clip" | "dual_clip" | "visual_rft_unclipped" | "gspo" | "cispo"``."""
     return POLICY_LOSSES.get(name)

@@ -1,7 +1,7 @@
-"""Rollout: engines that turn prompts into groups of sampled completions.
+"""Rollout: the typed hand-offs of a step and the engines that turn prompts into groups of completions.
 
-``scripted.py`` samples completions of a chosen quality from the ground truth (a policy with known
-behaviour, for the reward/eval pipeline and tests); ``hf_generate.py`` generates with a Hugging Face
-Qwen2-VL model on CPU. The vLLM engine and the weight-synchronised CPU engine of the trainer share
-their interface and land with the trainer loop.
+``types.py`` (``SamplingParams``, ``RolloutBatch``, ``ScoredBatch``), ``engine.py`` (the protocol and
+selection by name), ``hf_engine.py`` (transformers ``generate``), ``vllm_engine.py`` (colocated vLLM),
+``weight_export.py`` (trainer TP/PP shards -> HF tensors, bucketed) and ``scripted.py`` (completions of
+a chosen quality, for the reward/eval pipeline and tests). Only this package imports vLLM.
 """

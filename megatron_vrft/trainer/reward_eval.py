@@ -42,6 +42,7 @@ from megatron_vrft.rewards import compute_rewards
 from megatron_vrft.rl import compute_advantages, compute_grpo_loss
 from megatron_vrft.rollout.scripted import ScriptedPolicy
 from megatron_vrft.trainer.report import write_report
+from megatron_vrft.trainer.scoring import reward_terms
 from megatron_vrft.trainer.timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
@@ -61,19 +62,6 @@ class RewardEvalResult:
     loss: dict[str, float]
     timings: dict[str, float]
     files: dict[str, str] = field(default_factory=dict)
-
-
-def reward_terms(cfg: VisualRFTConfig) -> tuple[list[tuple[str, float]], dict[str, dict[str, Any]]]:
-    """Config -> ``compute_rewards`` arguments (names, weights, per-reward options)."""
-    terms = [(t.name, t.weight) for t in cfg.reward.terms]
-    names = {n for n, _ in terms}
-    options: dict[str, dict[str, Any]] = {}
-    if "accuracy" in names:
-        options["accuracy"] = {"mode": cfg.reward.classification_mode}
-    for name in ("iou", "confidence"):
-        if name in names:
-            options[name] = {"matching": cfg.reward.matching, "iou_threshold": cfg.reward.iou_threshold}
-    return terms, options
 
 
 def _load_model_and_processor(cfg: VisualRFTConfig, work_dir: Path):

@@ -285,6 +285,77 @@ def test_coco_group_by_image_subsets_and_crowd(tmp_path):
         )
 
 
+def test_coco_crowd_regions_kept_apart_from_training_boxes(tmp_path):
+    from megatron_vrft.data import SkipCounts, to_reward_ground_truth
+    from megatron_vrft.data.records import GroundTruth, check_ground_truth_boxes
+
+    path, data = _write_coco(tmp_path)
+    before = read_coco_detection(path, tmp_path / "images", box_space="norm_1000")
+    before_by_image = read_coco_detection(path, tmp_path / "images", box_space="norm_1000", group_by="image")
+    # image 100: a crowd region of a category it has objects of (a), and one of a category it has none of (b)
+    present = {a["category_id"] for a in data["annotations"] if a["image_id"] == 100}
+    cat_a = min(present)
+    cat_b = next(c["id"] for c in CATS if c["id"] not in present)
+    crowd_a, crowd_b = [2.0, 3.0, 40.0, 30.0], [5.0, 1.0, 50.0, 60.0]  # xywh; b leaves the image: kept as is
+    for ann_id, cat, bbox in ((900, cat_a, crowd_a), (901, cat_b, crowd_b)):
+        data["annotations"].append(
+            {"id": ann_id, "image_id": 100, "category_id": cat, "bbox": bbox, "area": 1.0, "iscrowd": 1}
+        )
+    path.write_text(json.dumps(data))
+    name = {c["id"]: c["name"] for c in CATS}
+    xyxy = lambda b: [b[0], b[1], b[0] + b[2], b[1] + b[3]]  # noqa: E731
+
+    rs = read_coco_detection(path, tmp_path / "images", box_space="norm_1000")
+    # the crowd-only (image, category) pair is no record; the training ground truth is unchanged
+    assert [r.source_id for r in rs] == [r.source_id for r in before]
+    for old, r in zip(before, rs):
+        assert to_reward_ground_truth(r).keys() == to_reward_ground_truth(old).keys()
+        for key in ("boxes", "categories"):
+            np.testing.assert_array_equal(to_reward_ground_truth(r)[key], to_reward_ground_truth(old)[key])
+        if r.metadata["image_id"] == 100 and r.metadata["category_ids"] == [cat_a]:
+            np.testing.assert_array_equal(r.ground_truth.crowd_boxes, [xyxy(crowd_a)])
+            assert r.ground_truth.crowd_categories == (name[cat_a],)
+            assert r.metadata["crowd_annotation_ids"] == [900] and 900 not in r.metadata["annotation_ids"]
+        else:
+            assert r.ground_truth.crowd_boxes.shape == (0, 4) and r.ground_truth.crowd_categories == ()
+
+    # one record per image: the crowd regions of every selected category on it
+    by_image = read_coco_detection(path, tmp_path / "images", box_space="norm_1000", group_by="image")
+    assert [r.source_id for r in by_image] == [r.source_id for r in before_by_image]
+    (r100,) = [r for r in by_image if r.metadata["image_id"] == 100]
+    np.testing.assert_array_equal(r100.ground_truth.crowd_boxes, [xyxy(crowd_a), xyxy(crowd_b)])
+    assert r100.ground_truth.crowd_categories == (name[cat_a], name[cat_b])
+    assert cat_b not in r100.metadata["category_ids"]
+    (old100,) = [r for r in before_by_image if r.metadata["image_id"] == 100]
+    np.testing.assert_array_equal(r100.ground_truth.boxes, old100.ground_truth.boxes)
+    excluded = read_coco_detection(path, tmp_path / "images", box_space="norm_1000", group_by="image",
+                                   exclude_categories=[cat_b])
+    (r100,) = [r for r in excluded if r.metadata["image_id"] == 100]
+    assert r100.ground_truth.crowd_categories == (name[cat_a],)
+
+    # the crowd regions survive the box checks of preprocessing (unclipped)
+    checked = check_ground_truth_boxes(r100.ground_truth, width=10, height=10, out_of_bounds="clip",
+                                       on_error="skip", name="x", skips=SkipCounts())
+    np.testing.assert_array_equal(checked.crowd_boxes, r100.ground_truth.crowd_boxes)
+    assert checked.crowd_categories == r100.ground_truth.crowd_categories
+    # include_crowd=True: the old behaviour, crowd boxes are ordinary boxes
+    legacy = read_coco_detection(path, tmp_path / "images", box_space="norm_1000", include_crowd=True)
+    assert all(r.ground_truth.crowd_boxes.shape == (0, 4) for r in legacy)
+    assert 900 in [a for r in legacy for a in r.metadata["annotation_ids"]]
+
+    # a bad crowd box fails its record like a bad box
+    data["annotations"][-1]["bbox"] = [5.0, 1.0, -3.0, 6.0]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="bad crowd 'bbox'"):
+        read_coco_detection(path, tmp_path / "images", box_space="norm_1000", group_by="image")
+    skipped = read_coco_detection(path, tmp_path / "images", box_space="norm_1000", group_by="image",
+                                  on_error="skip")
+    assert len(skipped) == len(before_by_image) - 1 and skipped.skips.counts["bad_annotation"] == 1
+    with pytest.raises(ValueError, match="1 crowd boxes but 0 crowd category names"):
+        GroundTruth(boxes=np.zeros((0, 4)), crowd_boxes=np.ones((1, 4)))
+    assert GroundTruth(boxes=np.zeros((0, 4))).crowd_boxes is None
+
+
 # ---------------------------------------------------------------- image folder
 
 

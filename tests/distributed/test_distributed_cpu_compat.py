@@ -251,3 +251,40 @@ def test_dist_checkpointing_save_and_load_on_cpu(one_rank_world, tmp_path):
     }
     loaded = dist_checkpointing.load(template, str(tmp_path))
     assert torch.equal(loaded["w"], weight) and torch.equal(loaded["b"], bias)
+
+
+def test_megatron_ddp_and_optimizer_step_match_torch_adamw():
+    """Patches 10-11: megatron's DDP buffers and optimizer (with gradient clipping) run on CPU and
+    take the same step as torch.optim.AdamW + clip_grad_norm_ on a copy of the model."""
+
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_vrft.data import build_tiny_tokenizer
+    from megatron_vrft.distributed.parallel_state import ParallelLayout, single_rank_world
+    from megatron_vrft.models.qwen2_vl.build import build_policy, preset_source
+    from megatron_vrft.models.qwen2_vl.inputs import build_padded_inputs
+
+    source = preset_source("qwen2_vl", "tiny", build_tiny_tokenizer(), seed=0)
+    ids = torch.randint(0, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with single_rank_world() as groups:
+        (policy,) = build_policy(source, ParallelLayout(), groups)
+        (reference,) = build_policy(source, ParallelLayout(), groups)
+        inputs = build_padded_inputs(source.arch, ids, torch.ones_like(ids)).forward_kwargs()
+        ddp = DistributedDataParallel(policy.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), policy)
+        opt = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=1e-2, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0,
+                            clip_grad=0.05, params_dtype=torch.float32), [ddp])  # fmt: skip
+        ddp.zero_grad_buffer()
+        ddp(**inputs).logsumexp(-1).mean().backward()
+        ddp.finish_grad_sync()
+        ok, norm, _ = opt.step()
+        torch_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0)
+        reference(**inputs).logsumexp(-1).mean().backward()
+        want_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        torch_opt.step()
+    assert ok and abs(norm - float(want_norm)) < 1e-5 * float(want_norm)
+    assert float(want_norm) > 0.05  # clipping was active
+    for (name, a), (_, b) in zip(policy.named_parameters(), reference.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name

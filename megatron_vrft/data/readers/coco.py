@@ -11,6 +11,14 @@ Records (``group_by``):
 - ``"image"``: one record per image with the boxes of all selected categories present; the prompt
   lists those categories and asks for a label per box.
 
+Crowd annotations (``iscrowd=1``) are not training targets: they go to the ground truth's
+``crowd_boxes`` / ``crowd_categories`` (original pixels, as annotated, not clipped), which the
+rewards never read and the evaluation passes to COCOeval as crowd regions (detections on them are
+ignored, as in the official evaluation). Per record: the crowd regions of its category
+(``"image_category"``), or of every selected category on the image (``"image"``, the prompt lists
+the categories present). Only non-crowd annotations make an image a candidate for a category.
+``include_crowd=True`` restores the old behaviour: crowd boxes become ordinary boxes.
+
 k-shot (``k_shot=k``): per selected category, ``k`` images that contain it (seeded, see
 :mod:`megatron_vrft.data.sampling`); with ``on_error="skip"`` an unreadable image is passed over
 and the next one in the seeded order is taken, so each category gets exactly ``k`` images where
@@ -21,6 +29,7 @@ or ids.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -90,6 +99,16 @@ def resolve_category_ids(coco, selection: Sequence[str | int] | None, *, source:
     return sorted(out)
 
 
+def _xyxy_of(ann: dict) -> np.ndarray:
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        raise DataError(f"annotation {ann.get('id')}: bad 'bbox' {bbox!r}", BAD_ANNOTATION)
+    try:
+        return xywh_to_xyxy(np.asarray(bbox, dtype=np.float64))
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"annotation {ann.get('id')}: bad 'bbox' {bbox!r}", BAD_ANNOTATION) from exc
+
+
 def _image_file_name(img: dict) -> str:
     if img.get("file_name"):
         return str(img["file_name"])
@@ -124,7 +143,8 @@ def read_coco_detection(
         k_shot: images per category (None: every image with an annotation of a kept category).
         seed: k-shot seed.
         group_by: ``"image_category"`` or ``"image"``.
-        include_crowd: keep ``iscrowd=1`` boxes (COCO evaluation ignores them; default False).
+        include_crowd: make ``iscrowd=1`` boxes ordinary ground-truth boxes (training targets).
+            Default False: they are kept apart as ``crowd_boxes`` (evaluation-only crowd regions).
         verify_images: fully decode each used image (catches truncated files) instead of reading
             the header only.
         on_error: ``"raise"`` or ``"skip"`` (counted) for missing/corrupt images and bad boxes.
@@ -154,6 +174,13 @@ def read_coco_detection(
     def anns_of(img_id: int, cat_id: int) -> list[dict]:
         ids = coco.getAnnIds(imgIds=[img_id], catIds=[cat_id], iscrowd=None)
         return [a for a in coco.loadAnns(ids) if include_crowd or not a.get("iscrowd", 0)]
+
+    def crowd_anns_of(img_id: int, cat_ids: Sequence[int]) -> list[dict]:
+        if include_crowd:
+            return []  # they are ordinary boxes then
+        wanted = set(cat_ids)
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[img_id], iscrowd=None))
+        return [a for a in anns if a.get("iscrowd", 0) and int(a["category_id"]) in wanted]
 
     def image_ok(img_id: int) -> bool:
         img = coco.imgs[img_id]
@@ -212,14 +239,18 @@ def read_coco_detection(
             boxes, box_cats, ann_ids = [], [], []
             for cat_id in cat_ids:
                 for a in anns_of(img_id, cat_id):
-                    bbox = a.get("bbox")
-                    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                        raise DataError(
-                            f"annotation {a.get('id')}: bad 'bbox' {bbox!r}", BAD_ANNOTATION
-                        )
-                    boxes.append(xywh_to_xyxy(np.asarray(bbox, dtype=np.float64)))
+                    boxes.append(_xyxy_of(a))
                     box_cats.append(cat_names[cat_id])
                     ann_ids.append(a.get("id"))
+            crowd_cat_ids = cat_ids if group_by == "image_category" else keep
+            crowd = sorted(crowd_anns_of(img_id, crowd_cat_ids), key=lambda a: a["id"])
+            crowd_boxes = [_xyxy_of(a) for a in crowd]
+            for a, box in zip(crowd, crowd_boxes):
+                if not np.isfinite(box).all() or box[2] < box[0] or box[3] < box[1]:
+                    raise DataError(
+                        f"annotation {a.get('id')}: bad crowd 'bbox' {a.get('bbox')!r}",
+                        BAD_ANNOTATION,
+                    )
             gt = GroundTruth(
                 coord_space="pixels_original",
                 boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
@@ -233,6 +264,11 @@ def read_coco_detection(
                 on_error=on_error,
                 name=name,
                 skips=skips,
+            )
+            gt = dataclasses.replace(
+                gt,
+                crowd_boxes=np.asarray(crowd_boxes, dtype=np.float64).reshape(-1, 4),
+                crowd_categories=tuple(cat_names[int(a["category_id"])] for a in crowd),
             )
             if boxes and len(gt.boxes) == 0:
                 # Not a "no objects" example: the category is there, its boxes were unusable.
@@ -250,6 +286,7 @@ def read_coco_detection(
                     "image_id": img_id,
                     "category_ids": list(cat_ids),
                     "annotation_ids": ann_ids,
+                    "crowd_annotation_ids": [a.get("id") for a in crowd],
                     "synonyms": {cat_names[c]: cat_synonyms[c] for c in cat_ids if cat_synonyms[c]},
                 },
             )

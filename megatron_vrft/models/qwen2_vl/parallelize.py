@@ -15,11 +15,17 @@ import torch.distributed as dist
 from torch import nn
 
 
-def allreduce_vision_grads(vision: nn.Module | None, tp_group: dist.ProcessGroup) -> None:
-    """Average the vision tower's ``.grad`` over ``tp_group`` in one flat all-reduce."""
+def allreduce_vision_grads(
+    vision: nn.Module | None, tp_group: dist.ProcessGroup, *, grad_attr: str = "grad"
+) -> None:
+    """Average the vision tower's gradients over ``tp_group`` in one flat all-reduce.
+
+    ``grad_attr``: ``"grad"``, or ``"main_grad"`` under megatron-core's DDP (its gradient buffers).
+    """
     if vision is None or dist.get_world_size(tp_group) == 1:
         return
-    grads = [p.grad for p in vision.parameters() if p.grad is not None]
+    grads = [getattr(p, grad_attr, None) for p in vision.parameters()]
+    grads = [g for g in grads if g is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -32,7 +38,7 @@ def allreduce_vision_grads(vision: nn.Module | None, tp_group: dist.ProcessGroup
 
 
 def allreduce_tied_embedding_grads(
-    language_model: nn.Module, embedding_group: dist.ProcessGroup | None
+    language_model: nn.Module, embedding_group: dist.ProcessGroup | None, *, grad_attr: str = "grad"
 ) -> None:
     """Sum the tied embedding / output-layer gradients of the first and last pipeline stages.
 
@@ -47,6 +53,6 @@ def allreduce_tied_embedding_grads(
         return
     if not (language_model.pre_process or language_model.post_process):
         return
-    weight = language_model.shared_embedding_or_output_weight()
-    if weight.grad is not None:
-        dist.all_reduce(weight.grad, group=embedding_group)
+    grad = getattr(language_model.shared_embedding_or_output_weight(), grad_attr, None)
+    if grad is not None:
+        dist.all_reduce(grad, group=embedding_group)

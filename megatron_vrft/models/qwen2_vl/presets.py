@@ -10,10 +10,22 @@ from __future__ import annotations
 from typing import Any
 
 PRESET_SIZES: dict[str, dict[str, int]] = {
-    # hidden, intermediate, layers, heads, kv heads, vision depth, vision width
-    "tiny": dict(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vdepth=1, vwidth=32),
+    # hidden, intermediate, layers, heads, kv heads, vision depth, vision width. head_dim is 32 in
+    # both: vLLM's CPU attention supports head sizes 32, 64, 80, ... (not 8 or 16), and 2 query
+    # groups split over TP = 2.
+    "tiny": dict(hidden=64, intermediate=128, layers=2, heads=2, kv_heads=2, vdepth=2, vwidth=32),
     "small": dict(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vdepth=2, vwidth=64),
 }
+
+VOCAB_MULTIPLE = 64
+"""The preset's embedding rows are ``len(tokenizer)`` rounded up to this multiple, as Qwen's own
+configs pad 151,646 tokens to 151,936: every supported TP size (1, 2, 4, 8) divides it. The extra
+rows are real (never produced by the tokenizer) vocabulary entries; rollout engines block them."""
+
+
+def padded_vocab_size(num_tokens: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """``num_tokens`` rounded up to a multiple of ``multiple``."""
+    return -(-num_tokens // multiple) * multiple
 
 
 def build_preset_hf_config(family: str, preset: str, tokenizer: Any) -> Any:
@@ -28,7 +40,7 @@ def build_preset_hf_config(family: str, preset: str, tokenizer: Any) -> Any:
     half = head_dim // 2
     mrope = [half - 2 * (half // 4 + half // 8), half // 4 + half // 8, half // 4 + half // 8]
     text = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=padded_vocab_size(len(tokenizer)),
         hidden_size=size["hidden"],
         intermediate_size=size["intermediate"],
         num_hidden_layers=size["layers"],

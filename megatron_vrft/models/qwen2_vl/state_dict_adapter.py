@@ -205,6 +205,46 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# Tensor-parallel split of each Megatron parameter (one table; the shard builders above and the
+# merge below follow it).
+
+# Megatron name suffix -> TP split axis; names matching no entry are replicated over TP.
+TP_SPLIT_AXIS: dict[str, int] = {
+    "embedding.word_embeddings.weight": 0,
+    "output_layer.weight": 0,
+    "self_attention.linear_qkv.weight": 0,
+    "self_attention.linear_qkv.bias": 0,
+    "mlp.linear_fc1.weight": 0,  # each rank holds [gate_r ; up_r]: see merge_tp_shards
+    "self_attention.linear_proj.weight": 1,
+    "mlp.linear_fc2.weight": 1,
+}
+
+
+def tp_split_axis(megatron_name: str) -> int | None:
+    """The axis along which ``megatron_name`` is split over TP ranks, or None when replicated."""
+    for suffix, axis in TP_SPLIT_AXIS.items():
+        if megatron_name.endswith(suffix):
+            return axis
+    return None
+
+
+def merge_tp_shards(megatron_name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """The full (TP-independent) Megatron tensor from its per-rank shards, in TP rank order.
+
+    Inverse of the split in :func:`hf_to_megatron_shard`: concatenation along the split axis, except
+    ``linear_fc1`` whose full form is ``[gate ; up]`` while rank ``r`` holds ``[gate_r ; up_r]``.
+    Replicated tensors return rank 0's.
+    """
+    axis = tp_split_axis(megatron_name)
+    if axis is None or len(shards) == 1:
+        return shards[0]
+    if megatron_name.endswith("mlp.linear_fc1.weight"):
+        halves = [torch.chunk(s, 2, dim=0) for s in shards]
+        return torch.cat([g for g, _ in halves] + [u for _, u in halves], dim=0)
+    return torch.cat(shards, dim=axis)
+
+
+# ----------------------------------------------------------------------------------------------
 # Names
 
 

@@ -1,0 +1,455 @@
+"""The Visual-RFT training loop: the only place that knows the order of the stages.
+
+Per GRPO step::
+
+    prompts (seeded, resumable)  ->  weight sync (trainer shards -> engine, bucketed)
+    -> rollout (G per prompt, split over all ranks, gathered)  ->  rewards + group advantages
+    -> reference (and old-policy) log-probs, forward-only  ->  PPO epochs (megatron-core schedules)
+    -> metrics, checkpoint
+
+An SFT phase on the same infrastructure runs first (``trainer.sft_warmup_steps``, the format
+warm-up) or alone (``algorithm.name = "sft"``, the paper's SFT baseline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_vrft.config import VisualRFTConfig, config_to_dict
+from megatron_vrft.data import PromptBatcher
+from megatron_vrft.data.prompts import format_answer
+from megatron_vrft.rl import aggregate_loss, compute_grpo_loss, compute_kl, compute_rollout_correction
+from megatron_vrft.rollout.offload import Offloader, trainer_tensors
+from megatron_vrft.rollout.types import RolloutBatch, SamplingParams, ScoredBatch
+from megatron_vrft.rollout.weight_export import export_hf_weights
+from megatron_vrft.trainer import checkpoint as ckpt
+from megatron_vrft.trainer.faults import maybe_crash
+from megatron_vrft.trainer.actor import copy_weights, forward_logprobs
+from megatron_vrft.trainer.batching import MicroBatch, build_micro_batches
+from megatron_vrft.trainer.metrics import MetricsLogger
+from megatron_vrft.trainer.scoring import score_rollout, scored_metrics
+from megatron_vrft.trainer.setup import RunContext, build_run
+from megatron_vrft.trainer.timing import PhaseTimer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_metrics: dict
+    hf_checkpoint: Path | None
+    files: dict[str, str]
+
+
+def prompt_seed(seed: int, step: int, index: int) -> int:
+    """A seed for ``(run seed, step, index)`` (index: a rank's rollout call, or a marker)."""
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0])
+
+
+def train(cfg: VisualRFTConfig) -> TrainResult:
+    run = build_run(cfg)
+    timer = PhaseTimer()
+    out_dir = Path(cfg.trainer.output_dir)
+    total_steps = cfg.trainer.sft_warmup_steps + cfg.trainer.num_steps
+    start_step = 0
+    warmup = cfg.trainer.sft_warmup_steps if cfg.algorithm.name == "grpo" else 0
+    if cfg.trainer.resume and (path := ckpt.latest_checkpoint(out_dir)) is not None:
+        state = ckpt.load_checkpoint(path, layout=run.layout_dict)
+        if warmup and state["step"] >= warmup:
+            run.actor.reset_optimizer(cfg.trainer.num_steps)  # the GRPO optimizer, then its state
+        start_step = restore(run, state)
+        logger.info("resumed from %s (step %d)", path, start_step)
+    if run.rank == 0:
+        ckpt.remove_incomplete(out_dir)
+    metrics = MetricsLogger(out_dir, active=run.rank == 0, jsonl=cfg.logging.jsonl,
+                            tensorboard=cfg.logging.tensorboard, resume_step=start_step)
+    weights_stale = True
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=run.rank != 0 or not cfg.logging.progress_bar,
+               dynamic_ncols=True)
+    last: dict = {}
+    for step in range(start_step + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        step_timer = PhaseTimer()
+        if step <= cfg.trainer.sft_warmup_steps or cfg.algorithm.name == "sft":
+            record = sft_step(run, step, step_timer)
+            if run.reference is not None and step == cfg.trainer.sft_warmup_steps and cfg.algorithm.name == "grpo":
+                with reference_resident(run):  # GRPO's reference is the warmed-up policy
+                    copy_weights(run.actor.policies, run.reference)
+        else:
+            if warmup and step == warmup + 1:
+                run.actor.reset_optimizer(cfg.trainer.num_steps)
+            record = grpo_step(run, step, step_timer, sync_weights=weights_stale)
+        weights_stale = True
+        record.update({f"time/{k}": v for k, v in step_timer.seconds.items()})
+        record["time/step"] = time.perf_counter() - t0
+        record["memory/rss_mb"] = _rss_mb()
+        for k, v in step_timer.seconds.items():
+            timer.seconds[k] = timer.seconds.get(k, 0.0) + v
+            timer.calls[k] = timer.calls.get(k, 0) + 1
+        metrics.log(step, record)
+        last = record
+        if step % cfg.logging.log_interval == 0:
+            bar.set_postfix({k.split("/")[-1]: f"{record[k]:.3f}" for k in ("reward/total", "reward/accuracy", "sft_loss")
+                             if k in record}, refresh=False)
+        bar.update(1)
+        save_now = cfg.trainer.save_interval and step % cfg.trainer.save_interval == 0
+        if save_now or step == total_steps:
+            with timer.phase("checkpoint"):
+                ckpt.save_checkpoint(out_dir, step, snapshot(run, step), layout=run.layout_dict,
+                                     keep=cfg.trainer.keep_checkpoints)
+            if cfg.logging.plots:
+                metrics.plot()
+    bar.close()
+    with timer.phase("hf_export"):
+        hf_dir = export_hf_checkpoint(run, out_dir / "hf_checkpoint")
+    final = {}
+    if run.eval_prompts:
+        with timer.phase("evaluation"):
+            final = evaluate(run, total_steps)
+        metrics.log(total_steps, {"phase": "eval", **final})
+    files = {}
+    if cfg.logging.plots and (png := metrics.plot()) is not None:
+        files["reward_curve"] = str(png)
+    metrics.close()
+    if run.rank == 0:
+        (out_dir / "config.json").write_text(__import__("json").dumps(config_to_dict(cfg), indent=2))
+        logger.info("phase timings (all steps)\n%s", timer.table())
+    return TrainResult(output_dir=out_dir, steps=total_steps, final_metrics={**last, **final},
+                       hf_checkpoint=hf_dir, files=files)
+
+
+# -- stages ----------------------------------------------------------------------------------------
+
+
+def sft_step(run: RunContext, step: int, timer: PhaseTimer) -> dict:
+    """One supervised step: cross-entropy on target answers (random class names for the format
+    warm-up, ground truth for the SFT baseline)."""
+    cfg = run.cfg
+    with timer.phase("data"):
+        prompts = [run.examples[i] for i in run.batcher.next_indices()]
+        rng = random.Random(prompt_seed(cfg.trainer.seed, step, 2**31))  # not a call index
+        responses = []
+        for p in prompts:
+            gt = p.ground_truth
+            if cfg.algorithm.name == "grpo" and cfg.trainer.sft_warmup_answers == "random":
+                gt = type(gt)(label=rng.choice(run.class_names))
+            text = format_answer(gt, p.task)
+            responses.append(torch.tensor(run.tokenizer.encode(text, add_special_tokens=False) + [run.stop_ids[0]]))
+        # Answers are drawn for the whole batch, then sliced: the same whatever the DP size.
+        prompts, responses = dp_slice(run, prompts), dp_slice(run, responses)
+        mbs = build_micro_batches(run.arch, prompts, responses, micro_batch_tokens=cfg.trainer.micro_batch_tokens,
+                                  pad_token_id=run.pad_id)
+    total = dp_share(run, sum(mb.num_tokens for mb in mbs))
+
+    def loss_fn(mb: MicroBatch, lp: torch.Tensor, ent: torch.Tensor):
+        loss = aggregate_loss(-lp, mb.response_mask, "token-mean", normalizer=total)
+        return loss, {"sft_loss": float(loss.detach()), "entropy": float((ent * mb.response_mask).sum() / total)}
+
+    with timer.phase("update"):
+        stats, opt = run.actor.train_step(mbs, loss_fn, temperature=1.0)
+    out = {"phase": "sft", **_reduce_stats(run, stats, sums=("sft_loss", "entropy")), **opt}
+    return out
+
+
+def grpo_step(run: RunContext, step: int, timer: PhaseTimer, *, sync_weights: bool) -> dict:
+    cfg = run.cfg
+    with timer.phase("data"):
+        indices = [int(i) for i in run.batcher.next_indices()]
+        prompts = [run.examples[i] for i in indices]
+    if sync_weights:
+        with timer.phase("weight_sync"):
+            run.engine.wake_up(["weights"])
+            buckets = export_hf_weights(run.actor.policies, run.arch, run.groups,
+                                        num_virtual_stages=cfg.parallel.virtual_pipeline_parallel_size,
+                                        bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 2**20)
+            run.engine.update_weights(itertools.chain.from_iterable(buckets))
+    offload = cfg.trainer.offload_during_rollout if run.on_gpu else []
+    if offload:
+        with timer.phase("offload"):
+            released = Offloader(trainer_tensors(run.actor.chunks, run.actor.optimizer))
+            released_bytes = released.offload(offload)
+    with timer.phase("rollout"):
+        run.engine.wake_up(["kv_cache"])
+        batch = rollout(run, prompts, step=step)
+        run.engine.sleep(cfg.rollout.sleep_level)
+    if offload:
+        with timer.phase("offload"):
+            released.onload()
+
+    maybe_crash("step", step)
+    with timer.phase("rewards"):
+        gts = [run.reward_ground_truths[i] for i in indices]
+        scored = score_rollout(batch, gts, terms=run.reward_terms, options=run.reward_options,
+                               advantage_estimator=cfg.algorithm.advantage_estimator)
+        record = {"phase": "grpo", **scored_metrics(scored, cfg.rollout.num_generations)}
+        local = dp_rows(run, scored)
+        mbs = build_micro_batches(
+            run.arch, [batch.prompt_of(i) for i in local], [batch.response_ids[i] for i in local],
+            micro_batch_tokens=cfg.trainer.micro_batch_tokens, pad_token_id=run.pad_id,
+            advantages=scored.advantages[local], sampling_logprobs=[batch.sampling_logprobs[i] for i in local],
+        )  # fmt: skip
+    temperature = cfg.rollout.temperature
+    if run.reference is not None:
+        with timer.phase("ref_logprobs"):
+            if run.reference_offloader is not None:
+                run.reference_offloader.onload()
+            ref = forward_logprobs(run.reference, mbs, groups=run.groups, temperature=temperature,
+                                   blocked_token_ids=run.actor.blocked_token_ids)
+            if run.reference_offloader is not None:
+                run.reference_offloader.offload(["params"])
+            for mb, lp in zip(mbs, ref or [None] * len(mbs)):
+                mb.ref_logprobs = lp
+    if cfg.algorithm.ppo_epochs > 1:
+        with timer.phase("old_logprobs"):
+            old = forward_logprobs(run.actor.chunks, mbs, groups=run.groups, temperature=temperature,
+                                   blocked_token_ids=run.actor.blocked_token_ids)
+            for mb, lp in zip(mbs, old or [None] * len(mbs)):
+                mb.old_logprobs = lp
+    loss_fn = build_grpo_loss_fn(run, mbs)
+    with timer.phase("update"):
+        for epoch in range(cfg.algorithm.ppo_epochs):
+            stats, opt = run.actor.train_step(mbs, loss_fn, temperature=temperature)
+            if epoch == 0:
+                record.update(_reduce_stats(run, stats, sums=_SUMMED))
+            record.update(opt)
+    if offload:
+        record["memory/offloaded_during_rollout_mb"] = released_bytes / 2**20
+    n_tokens = int(batch.response_lengths().sum())
+    record["throughput/rollout_tokens_per_s"] = n_tokens / max(timer.seconds.get("rollout", 1e-9), 1e-9)
+    record["throughput/update_tokens_per_s"] = sum(
+        mb.input_ids.numel() for mb in mbs
+    ) * cfg.algorithm.ppo_epochs / max(timer.seconds["update"], 1e-9)
+    return record
+
+
+_SUMMED = ("loss", "pg_loss", "kl_loss", "entropy", "rollout/logprob_abs_diff_mean", "rollout/kl_k3",
+           "clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean", "rollout/rollout_is_mean",
+           "rollout/rollout_is_truncated_frac", "rollout/rollout_is_masked_frac", "rollout/rollout_kl_k3")
+
+
+def build_grpo_loss_fn(run: RunContext, mbs: list[MicroBatch]):
+    a = run.cfg.algorithm
+    total_tokens = dp_share(run, sum(mb.num_tokens for mb in mbs))
+    total_rows = dp_share(run, sum(int((mb.response_mask.sum(1) > 0).sum()) for mb in mbs))
+    normalizer = total_tokens if a.loss_agg_mode == "token-mean" else total_rows
+
+    def loss_fn(mb: MicroBatch, lp: torch.Tensor, ent: torch.Tensor):
+        mask = mb.response_mask
+        old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
+        weights, correction = None, {}
+        if a.rollout_correction != "none":
+            weights, correction = compute_rollout_correction(
+                old, mb.sampling_logprobs, mask, level=a.rollout_correction, mode=a.rollout_correction_mode,
+                threshold=a.rollout_correction_threshold,
+            )
+        out = compute_grpo_loss(
+            lp, old, mb.ref_logprobs, mb.advantages, mask, policy_loss=a.policy_loss,
+            loss_agg_mode=a.loss_agg_mode, clip_eps_low=a.clip_ratio_low, clip_eps_high=a.clip_ratio_high,
+            clip_ratio_c=a.dual_clip_c, kl_estimator=a.kl_estimator, kl_coef=a.kl_coef,
+            kl_clamp=a.kl_clamp, normalizer=normalizer, kl_importance_weighted=a.kl_importance_weighted,
+            token_weights=weights,
+        )  # fmt: skip
+        loss = out.loss
+        entropy = aggregate_loss(ent, mask, a.loss_agg_mode, normalizer=normalizer)
+        if a.entropy_coef:
+            loss = loss - a.entropy_coef * entropy
+        w = mb.num_tokens / max(total_tokens, 1)
+        m = out.metrics
+        mismatch = (mb.sampling_logprobs - lp.detach()) * mask
+        stats = {
+            "loss": float(loss.detach()),
+            "pg_loss": float(m["pg_loss"]),
+            "entropy": float(entropy.detach()),
+            "rollout/logprob_abs_diff_mean": float(mismatch.abs().sum() / max(total_tokens, 1)),
+            "rollout/logprob_abs_diff_max": float(mismatch.abs().max()),
+            "rollout/kl_k3": float((compute_kl(lp.detach(), mb.sampling_logprobs, "k3") * mask).sum() / max(total_tokens, 1)),
+        }
+        if "kl_loss" in m:
+            stats["kl_loss"] = float(m["kl_loss"])
+        for k in ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean"):
+            stats[k] = float(m[k]) * w
+        for k, v in correction.items():
+            stats[f"rollout/{k}"] = float(v) * w
+        return loss, stats
+
+    return loss_fn
+
+
+def rollout(run: RunContext, prompts: list, *, step: int) -> RolloutBatch:
+    """Generate for ``prompts``: calls of ``rollout.prompts_per_call`` prompts, each seeded by
+    ``(seed, step, call)``, dealt to the engine replicas round-robin and gathered on every rank in
+    prompt order. The samples depend on neither the world size nor the trainer's TP/PP layout."""
+    per_call = run.cfg.rollout.prompts_per_call
+    calls = [list(range(s, min(s + per_call, len(prompts)))) for s in range(0, len(prompts), per_call)]
+    # Engine replicas: contiguous blocks of its tensor-parallel size (1 for the transformers
+    # engine); the ranks of one replica generate the same calls, its first rank reports them.
+    replica_tp = getattr(run.engine, "tensor_parallel_size", 1)
+    replica, num_replicas = run.rank // replica_tp, run.world_size // replica_tp
+    parts = []
+    for c in range(replica, len(calls), num_replicas):
+        local = run.engine.generate([prompts[i] for i in calls[c]], run.sampling,
+                                    seed=prompt_seed(run.cfg.trainer.seed, step, c))
+        rows = local.rows()
+        rows.group_ids = rows.group_ids + calls[c][0]
+        parts.append(rows)
+    gathered = [None] * run.world_size
+    dist.all_gather_object(gathered, parts if run.rank % replica_tp == 0 else [])
+    batch = RolloutBatch.from_rows(prompts, [p for rank_parts in gathered for p in rank_parts])
+    order = torch.argsort(batch.group_ids, stable=True)
+    return RolloutBatch(
+        prompts=prompts, group_ids=batch.group_ids[order], response_ids=[batch.response_ids[i] for i in order],
+        sampling_logprobs=[batch.sampling_logprobs[i] for i in order],
+        finish_reasons=[batch.finish_reasons[i] for i in order], texts=[batch.texts[i] for i in order],
+    )  # fmt: skip
+
+
+def dp_share(run: RunContext, local_count: int) -> float:
+    """The data-parallel mean of a count. Losses normalised by it and averaged over DP ranks by
+    megatron's DDP equal the loss of the whole batch normalised by the global count."""
+    t = torch.tensor(float(local_count), dtype=torch.float64)
+    dist.all_reduce(t, group=run.groups.dp_group)
+    return float(t) / run.groups.dp_size
+
+
+def dp_slice(run: RunContext, prompts: list) -> list:
+    per = len(prompts) // run.groups.dp_size
+    return prompts[run.groups.dp_rank * per : (run.groups.dp_rank + 1) * per]
+
+
+def dp_rows(run: RunContext, scored: ScoredBatch) -> list[int]:
+    """Rows of this data-parallel rank: the groups of its slice of the prompts."""
+    per = scored.rollout.num_groups // run.groups.dp_size
+    lo, hi = run.groups.dp_rank * per, (run.groups.dp_rank + 1) * per
+    return [i for i, g in enumerate(scored.rollout.group_ids.tolist()) if lo <= g < hi]
+
+
+def _reduce_stats(run: RunContext, stats: list[dict] | None, *, sums: tuple[str, ...]) -> dict:
+    """Sum this rank's per-micro-batch stats (last stage), then average over data-parallel ranks."""
+    local = {}
+    if stats:
+        for s in stats:
+            for k, v in s.items():
+                if k.endswith("_max"):
+                    local[k] = max(local.get(k, float("-inf")), v)
+                elif k in sums:
+                    local[k] = local.get(k, 0.0) + v
+    gathered = [None] * run.world_size
+    dist.all_gather_object(gathered, local)
+    filled = [g for g in gathered if g]
+    keys = sorted({k for g in filled for k in g})
+    return {k: float(np.mean([g[k] for g in filled if k in g])) for k in keys}
+
+
+@torch.no_grad()
+def evaluate(run: RunContext, step: int) -> dict:
+    """Greedy answers of the trained policy on held-out prompts, scored by the rewards."""
+    cfg = run.cfg
+    run.engine.wake_up(["weights"])
+    run.engine.update_weights(itertools.chain.from_iterable(
+        export_hf_weights(run.actor.policies, run.arch, run.groups,
+                          num_virtual_stages=cfg.parallel.virtual_pipeline_parallel_size,
+                          bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 2**20)))
+    run.engine.wake_up(["kv_cache"])
+    greedy = SamplingParams(n=1, greedy=True, max_new_tokens=cfg.rollout.max_new_tokens,
+                            stop_token_ids=run.stop_ids)
+    prompts = run.eval_prompts
+    saved, run.sampling = run.sampling, greedy
+    try:
+        batch = rollout(run, prompts, step=0)
+    finally:
+        run.sampling = saved
+    run.engine.sleep(cfg.rollout.sleep_level)
+    scored = score_rollout(batch, run.eval_ground_truths, terms=run.reward_terms, options=run.reward_options,
+                           advantage_estimator="drgrpo")
+    out = {f"eval/{k.split('/', 1)[1]}": v for k, v in scored_metrics(scored, 1).items() if k.startswith("reward/")}
+    out["eval/num_prompts"] = len(prompts)
+    if run.rank == 0:
+        examples = [{"source_id": batch.prompt_of(i).source_id, "completion": batch.texts[i]} for i in range(min(8, len(batch)))]
+        (Path(cfg.trainer.output_dir) / "eval_examples.json").write_text(__import__("json").dumps(examples, indent=1))
+    return out
+
+
+# -- state -----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def reference_resident(run: RunContext):
+    """The reference model's parameters in place (onloaded) for the duration of the block."""
+    if run.reference_offloader is None:
+        yield
+        return
+    run.reference_offloader.onload()
+    try:
+        yield
+    finally:
+        run.reference_offloader.offload(["params"])
+
+
+def snapshot(run: RunContext, step: int) -> dict:
+    with reference_resident(run):
+        return _snapshot(run, step)
+
+
+def _snapshot(run: RunContext, step: int) -> dict:
+    return {
+        "step": step,
+        "actor": run.actor.state_dict(),
+        # copied to the CPU: an offloaded reference releases its storage right after this
+        "reference": ([{k: v.to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in m.state_dict().items()}
+                       for m in run.reference]
+                      if run.reference is not None else None),
+        "batcher": run.batcher.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+    }
+
+
+def restore(run: RunContext, state: dict) -> int:
+    run.actor.load_state_dict(state["actor"])
+    if run.reference is not None and state["reference"] is not None:
+        with reference_resident(run):
+            for m, s in zip(run.reference, state["reference"], strict=True):
+                m.load_state_dict(s)
+    run.batcher.load_state_dict(state["batcher"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    return int(state["step"])
+
+
+def export_hf_checkpoint(run: RunContext, out_dir: Path) -> Path | None:
+    """The policy as an HF checkpoint (safetensors, config, tokenizer, image processor). Collective."""
+    from megatron_vrft.models.conversion_hf import write_hf_checkpoint
+
+    stream = itertools.chain.from_iterable(
+        export_hf_weights(run.actor.policies, run.arch, run.groups,
+                          num_virtual_stages=run.cfg.parallel.virtual_pipeline_parallel_size,
+                          bucket_bytes=run.cfg.rollout.weight_sync_bucket_mb * 2**20))
+    if run.rank == 0:
+        write_hf_checkpoint(((n, t.contiguous()) for n, t in stream), out_dir,
+                            config=run.arch.hf_config.to_dict(), overwrite=True)
+        run.tokenizer.save_pretrained(str(out_dir))
+        run.processor.image_processor.save_pretrained(str(out_dir))
+    else:
+        for _ in stream:
+            pass
+    dist.barrier()
+    return out_dir
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20

@@ -1,0 +1,111 @@
+"""Run metrics: one JSON line per step, TensorBoard scalars, and the reward-curve PNG (rank 0 only).
+
+On resume the JSONL is cut back to the checkpoint's step, so steps that ran after the checkpoint
+and before a crash are not counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CURVES = (
+    ("reward/total", "total reward"),
+    ("reward/accuracy", "accuracy reward"),
+    ("reward/format", "format reward"),
+)
+
+
+class MetricsLogger:
+    """Writes metrics of rank 0; other ranks hold an inactive instance."""
+
+    def __init__(self, output_dir: str | Path, *, active: bool, jsonl: bool, tensorboard: bool,
+                 resume_step: int | None) -> None:
+        self.dir = Path(output_dir)
+        self.active = active
+        self.path = self.dir / "metrics.jsonl"
+        self.records: list[dict[str, Any]] = []
+        self._jsonl = jsonl and active
+        self._tb = None
+        if not active:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line a crash cut short
+                if resume_step is not None and rec.get("step", 0) <= resume_step:
+                    kept.append(rec)
+            self.records = kept
+            if self._jsonl:
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                os.replace(tmp, self.path)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.warning("logging.tensorboard is on but tensorboard is not installed; skipping it")
+            else:
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        record = {"step": step, **metrics}
+        self.records.append(record)
+        if self._jsonl:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+
+    def plot(self, filename: str = "reward_curve.png") -> Path | None:
+        """Reward and accuracy against step (GRPO steps; SFT warm-up steps shaded)."""
+        if not self.active or not self.records:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        grpo = [r for r in self.records if r.get("phase") == "grpo"]
+        for key, label in CURVES:
+            pts = [(r["step"], r[key]) for r in grpo if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=label)
+        sft = [r["step"] for r in self.records if r.get("phase") == "sft"]
+        if sft:
+            ax.axvspan(min(sft), max(sft), color="0.9", label="SFT warm-up")
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean over sampled responses")
+        ax.set_title("Visual-RFT rewards")
+        ax.set_ylim(-0.05, max(2.05, max((r.get("reward/total", 0) for r in grpo), default=0) + 0.05))
+        ax.legend(loc="upper left")
+        for key, label in (("loss", "loss"), ("kl_loss", "KL to reference"), ("rollout/logprob_abs_diff_mean", "|rollout - trainer| log-prob")):
+            pts = [(r["step"], r[key]) for r in self.records if key in r]
+            if pts:
+                ax2.plot(*zip(*pts), label=label)
+        ax2.set_xlabel("step")
+        ax2.set_title("loss and KL")
+        ax2.legend(loc="upper right")
+        fig.tight_layout()
+        path = self.dir / filename
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
