@@ -1,6 +1,15 @@
-"""Evaluate completions against a dataset: accuracy, COCO/LVIS box mAP, grounding IoU.
+"""Evaluate a checkpoint, or completions, against a dataset: accuracy, COCO/LVIS box mAP, grounding IoU.
 
+    python tools/evaluate.py --config RUN.yaml --checkpoint HF_DIR --output-dir OUT [k=v ...]
+    torchrun --nproc_per_node N tools/evaluate.py --config RUN.yaml --checkpoint HF_DIR --output-dir OUT
     python tools/evaluate.py --config RUN.yaml --predictions preds.jsonl [--output metrics.json] [k=v ...]
+
+``--checkpoint``: an HF checkpoint (e.g. a run's ``hf_checkpoint/``, with its tokenizer) generates
+one answer per record of the config's ``data`` section (greedy unless ``--temperature``), batched,
+with a rollout engine (``--engine``: vLLM where installed with CUDA, else transformers), records
+dealt over the torchrun ranks; ``OUT/predictions.jsonl`` is appended as it goes, so a rerun skips
+records already answered. Unreadable images are listed and counted; the rest are evaluated. Writes
+``OUT/metrics.json``, ``OUT/report.md`` and ``OUT/examples.png`` (predictions drawn on the images).
 
 ``preds.jsonl``: one JSON object per line, ``{"source_id": ..., "completion": "<think>..</think><answer>..</answer>"}``
 (the ids of the records the run config's ``data`` section yields). Boxes in completions are read in
@@ -49,7 +58,7 @@ def evaluate_run(cfg, predictions: dict[str, str], protocol: str = "coco") -> di
     d = cfg.data
     records = load_records(d.source, d.task, path=d.path, image_root=d.image_root, box_space=d.coord_space,
                            annotation_coord_space=d.annotation_coord_space, k_shot=d.k_shot,
-                           categories=d.categories, num_synthetic=d.num_synthetic, seed=d.seed,
+                           categories=d.categories, num_synthetic=d.num_synthetic, synthetic_kind=d.synthetic_kind, seed=d.seed,
                            on_error=d.on_error)
     known = {r.source_id for r in records}
     unknown = sorted(set(predictions) - known)
@@ -77,25 +86,140 @@ def evaluate_run(cfg, predictions: dict[str, str], protocol: str = "coco") -> di
     return metrics
 
 
+def generate_predictions(cfg, checkpoint: Path, out_dir: Path, *, engine_name: str, temperature: float,
+                         batch_size: int, progress: bool) -> tuple[Path, list, list]:
+    """Answers of the checkpoint for every usable record, appended to ``out_dir/predictions.jsonl``.
+
+    Returns the predictions file and (examples, their reward ground truths) for the picture.
+    """
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from megatron_vrft.data import build_qwen2vl_processor, load_tokenizer, preprocess_records
+    from megatron_vrft.models.conversion_hf import HfCheckpointReader
+    from megatron_vrft.models.qwen2_vl.state_dict_adapter import as_arch
+    from megatron_vrft.rollout.engine import build_engine, resolve_engine_name, vision_token_ids
+    from megatron_vrft.rollout.types import SamplingParams
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    d = cfg.data
+    tokenizer = load_tokenizer(checkpoint)
+    processor = build_qwen2vl_processor(tokenizer, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
+    records = load_records(d.source, d.task, path=d.path, image_root=d.image_root, box_space=d.coord_space,
+                           annotation_coord_space=d.annotation_coord_space, k_shot=d.k_shot,
+                           categories=d.categories, num_synthetic=d.num_synthetic,
+                           synthetic_kind=d.synthetic_kind, seed=d.seed, on_error="skip")
+    examples, skips = preprocess_records(records, processor, box_space=d.coord_space, on_error="skip")
+    skips.merge(records.skips)
+    if skips.total and rank == 0:
+        print(f"warning: {skips.total} records could not be used and are not evaluated: {skips.summary()}",
+              file=sys.stderr)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    part = out_dir / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
+    done = read_predictions(part) if part.exists() else {}
+    todo = [e for i, e in enumerate(examples) if i % world == rank and e.source_id not in done]
+    arch = as_arch(json.loads((checkpoint / "config.json").read_text()))
+    name = resolve_engine_name(engine_name)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    engine = build_engine(name, arch, tokenizer=tokenizer, blocked_token_ids=vision_token_ids(tokenizer, arch.vocab_size),
+                          device=device, dtype=torch.float32,
+                          **({} if name == "hf" else dict(min_pixels=d.min_pixels, max_pixels=d.max_pixels)))
+    reader = HfCheckpointReader(checkpoint)
+    engine.update_weights((n, reader.get(n)) for n in reader.names())
+    stop = tuple(i for i in tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) if i is not None)
+    sampling = SamplingParams(n=1, greedy=temperature == 0, temperature=temperature or 1.0,
+                              max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop)
+    with open(part, "a") as f:
+        for start in tqdm(range(0, len(todo), batch_size), desc=f"generate (rank {rank})", disable=not progress):
+            batch = engine.generate(todo[start : start + batch_size], sampling, seed=cfg.trainer.seed + start)
+            for i in range(len(batch)):
+                f.write(json.dumps({"source_id": batch.prompt_of(i).source_id, "completion": batch.texts[i]}) + "\n")
+            f.flush()
+    final = out_dir / "predictions.jsonl"
+    if world > 1:
+        dist.barrier()
+        if rank == 0:
+            merged = {}
+            for r in range(world):
+                merged.update(read_predictions(out_dir / f"predictions.rank{r}.jsonl"))
+            final.write_text("".join(json.dumps({"source_id": k, "completion": v}) + "\n" for k, v in merged.items()))
+        dist.barrier()
+    return final, examples, [to_reward_ground_truth(e) for e in examples]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run config (its data section is evaluated)")
-    parser.add_argument("--predictions", required=True, type=Path, help="JSONL of {source_id, completion}")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--predictions", type=Path, help="JSONL of {source_id, completion}")
+    source.add_argument("--checkpoint", type=Path, help="HF checkpoint directory to generate with")
+    parser.add_argument("--output-dir", type=Path, help="with --checkpoint: predictions, metrics, report, PNG")
+    parser.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     parser.add_argument("--protocol", choices=("coco", "lvis"), default="coco", help="detection protocol")
     parser.add_argument("--output", type=Path, help="write the metrics as JSON here")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    metrics = evaluate_run(cfg, read_predictions(args.predictions), protocol=args.protocol)
+    if args.checkpoint is not None:
+        return evaluate_checkpoint(cfg, args)
+    try:
+        metrics = evaluate_run(cfg, read_predictions(args.predictions), protocol=args.protocol)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for key, value in metrics.items():
         if not isinstance(value, dict):
             print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
     if args.output:
         args.output.write_text(json.dumps(metrics, indent=2, default=float))
+    return 0
+
+
+def evaluate_checkpoint(cfg, args) -> int:
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_vrft.eval.visualize import draw_prediction_grid, markdown_report
+
+    if not (args.checkpoint / "config.json").is_file():
+        print(f"error: --checkpoint {args.checkpoint}: not an HF checkpoint directory (no config.json)", file=sys.stderr)
+        return 2
+    out_dir = args.output_dir or (args.checkpoint.parent / "evaluation")
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    try:
+        predictions_file, examples, gts = generate_predictions(
+            cfg, args.checkpoint, out_dir, engine_name=args.engine, temperature=args.temperature,
+            batch_size=args.batch_size, progress=True,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.destroy_process_group()
+        return 0
+    predictions = read_predictions(predictions_file)
+    metrics = evaluate_run(cfg, predictions, protocol=args.protocol)
+    metrics["num_evaluated"] = len(predictions)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    (out_dir / "report.md").write_text(markdown_report(metrics, title=f"{cfg.data.task}: {args.checkpoint}"))
+    shown = examples[:8]
+    draw_prediction_grid(out_dir / "examples.png", [e.images[0] for e in shown],
+                         [predictions.get(e.source_id, "") for e in shown], gts[: len(shown)], task=cfg.data.task)
+    for key, value in metrics.items():
+        if not isinstance(value, dict):
+            print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
+    print(f"wrote {out_dir}/metrics.json, report.md, examples.png, predictions.jsonl")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 
