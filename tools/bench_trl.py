@@ -73,6 +73,8 @@ ALIGNED = {
     "use_cpu/bf16": ("False/None", "True/False (float32 like model.dtype)"),
 }
 NOT_ALIGNED = [
+    "Ours set to TRL's layout: rollout.prompts_per_call = prompts_per_step (tiny_cpu.yaml uses 8), so "
+    "each step makes one generate call over all prompts, as TRL does.",
     "KL clamp: ours clamps the per-token log-ratio at algorithm.kl_clamp = 10 in the k3 estimate; "
     "TRL has no clamp (no effect on time or memory).",
     "Micro-batching: ours packs trainer.micro_batch_tokens = 8192 tokens per micro-batch; TRL runs "

@@ -30,6 +30,7 @@ from megatron_vrft.rewards import (
     as_ground_truths,
     compute_rewards,
     convert_boxes,
+    space_extent,
     extract_answer,
     parse_boxes,
     parse_single_box,
@@ -58,13 +59,12 @@ def evaluate_classification(
 
 
 def _extent(gt) -> tuple[float, float]:
-    """Width/height of the coordinate space the boxes are in (for COCO's image records)."""
-    if gt.box_space == "norm_1000":
-        return 1000.0, 1000.0
-    size = gt.resized_size if gt.box_space == "pixels_resized" else gt.image_size
-    if size is None:
-        return 1.0, 1.0  # only used for area ranges, which we evaluate as "all"
-    return float(size[0]), float(size[1])
+    """Width/height of the coordinate space the boxes are in (for COCO's image records); (1, 1)
+    when the size is unknown (only used for area ranges, which are evaluated as "all")."""
+    try:
+        return space_extent(gt.box_space, image_size=gt.image_size, resized_size=gt.resized_size)
+    except ValueError:
+        return 1.0, 1.0
 
 
 def _crowd_regions(gt: Any, index: int) -> tuple[np.ndarray, list[str] | None]:

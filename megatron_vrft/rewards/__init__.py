@@ -20,9 +20,14 @@ raise, they score the reward's failure score and count one ``FailureReason``.
 ``compute_rewards(completions, ground_truths, [(name, weight), ...])`` combines them.
 """
 
-from megatron_vrft.rewards.types import (  # noqa: I001 - registry before the reward modules
+from megatron_vrft.rewards.coords import (  # noqa: I001 - registry before the reward modules
     COORD_SPACES,
+    MODEL_COORD_SPACES,
     CoordSpace,
+    ModelCoordSpace,
+    space_extent,
+)
+from megatron_vrft.rewards.types import (
     FailureReason,
     GroundTruth,
     ParseFailures,
@@ -83,7 +88,10 @@ from megatron_vrft.rewards.grounding import (
 
 __all__ = [
     "COORD_SPACES",
+    "MODEL_COORD_SPACES",
     "CoordSpace",
+    "ModelCoordSpace",
+    "space_extent",
     "DetectionScores",
     "FailureReason",
     "GroundingScores",

@@ -44,7 +44,7 @@ from scipy.optimize import linear_sum_assignment
 
 from megatron_vrft.ops.box_iou import box_iou
 from megatron_vrft.rewards.classification import normalize_label
-from megatron_vrft.rewards.coords import convert_boxes
+from megatron_vrft.rewards.coords import ModelCoordSpace, convert_boxes
 from megatron_vrft.rewards.parsing import (
     MAX_COMPLETION_CHARS,
     ParsedBox,
@@ -54,7 +54,6 @@ from megatron_vrft.rewards.parsing import (
 from megatron_vrft.rewards.registry import register_reward
 from megatron_vrft.rewards.types import FailureReason as R
 from megatron_vrft.rewards.types import (
-    CoordSpace,
     GroundTruth,
     RewardOutput,
     as_ground_truths,
@@ -154,7 +153,7 @@ def compute_detection_scores(
     completions: Sequence[str],
     ground_truths: Sequence[GroundTruth | Mapping[str, Any]],
     *,
-    pred_space: CoordSpace | None = None,
+    pred_space: ModelCoordSpace | None = None,
     matching: Matching = "greedy",
     iou_threshold: float = 0.5,
     mode: DetectionMode = "default",

@@ -25,11 +25,10 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 
 from megatron_vrft.ops.box_iou import box_iou_elementwise
-from megatron_vrft.rewards.coords import convert_boxes
+from megatron_vrft.rewards.coords import ModelCoordSpace, convert_boxes
 from megatron_vrft.rewards.parsing import MAX_COMPLETION_CHARS, extract_answer, parse_single_box
 from megatron_vrft.rewards.registry import register_reward
 from megatron_vrft.rewards.types import (
-    CoordSpace,
     GroundTruth,
     RewardOutput,
     as_ground_truths,
@@ -60,7 +59,7 @@ def compute_grounding_scores(
     completions: Sequence[str],
     ground_truths: Sequence[GroundTruth | Mapping[str, Any]],
     *,
-    pred_space: CoordSpace | None = None,
+    pred_space: ModelCoordSpace | None = None,
     max_chars: int = MAX_COMPLETION_CHARS,
 ) -> GroundingScores:
     """IoU / GIoU / GIoU+1 of the single predicted box vs ``ground_truth.box``, for a batch.

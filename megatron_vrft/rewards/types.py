@@ -32,8 +32,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-CoordSpace = Literal["pixels_resized", "norm_1000", "pixels_original"]
-COORD_SPACES: tuple[str, ...] = ("pixels_resized", "norm_1000", "pixels_original")
+from megatron_vrft.rewards.coords import MODEL_COORD_SPACES, ModelCoordSpace
 
 
 class FailureReason(str, Enum):
@@ -157,7 +156,7 @@ class GroundTruth:
     """``K`` category names, one per row of ``boxes`` (only used with ``match_categories``)."""
     box: Any = None
     """``(4,)`` grounding box in ``box_space``; stored float64 tensor."""
-    box_space: CoordSpace | None = None
+    box_space: ModelCoordSpace | None = None
     """Coordinate space of ``boxes`` and ``box``; required when either is given."""
     image_size: Any = None
     """Original image ``(width, height)`` in pixels (needed to convert from/to ``pixels_original``)."""
@@ -183,9 +182,9 @@ class GroundTruth:
             self.categories = tuple(self.categories)
             if self.boxes is None or len(self.categories) != self.boxes.shape[0]:
                 raise ValueError(f"ground_truths[{i}].categories: need one category per row of boxes")
-        if (self.boxes is not None or self.box is not None) and self.box_space not in COORD_SPACES:
+        if (self.boxes is not None or self.box is not None) and self.box_space not in MODEL_COORD_SPACES:
             raise ValueError(
-                f"ground_truths[{i}].box_space: expected one of {COORD_SPACES}, got {self.box_space!r}"
+                f"ground_truths[{i}].box_space: expected one of {MODEL_COORD_SPACES}, got {self.box_space!r}"
             )
         self.image_size = _as_size(self.image_size, i, "image_size")
         self.resized_size = _as_size(self.resized_size, i, "resized_size")

@@ -225,11 +225,16 @@ def test_reward_ground_truth_dicts_are_accepted_by_the_rewards_package():
     as_ground_truth(c)
 
 
-def test_coordinate_space_names_match_the_rewards_package():
-    from megatron_vrft.data import MODEL_COORD_SPACES
-    from megatron_vrft.rewards.types import COORD_SPACES as REWARD_SPACES
+def test_one_coordinate_module_serves_data_rewards_and_eval():
+    from megatron_vrft import data, rewards
+    from megatron_vrft.data import boxes
+    from megatron_vrft.eval import evaluate
+    from megatron_vrft.rewards import coords, types
 
-    assert set(MODEL_COORD_SPACES) == set(REWARD_SPACES)
+    assert data.convert_boxes is boxes.convert_boxes is rewards.convert_boxes is coords.convert_boxes
+    assert evaluate.convert_boxes is coords.convert_boxes and evaluate.space_extent is coords.space_extent
+    assert data.MODEL_COORD_SPACES is types.MODEL_COORD_SPACES is coords.MODEL_COORD_SPACES
+    assert set(coords.MODEL_COORD_SPACES) < set(coords.COORD_SPACES)
 
 
 def test_multi_image_record():

@@ -200,3 +200,28 @@ def test_reward_wrappers_are_the_shared_columns() -> None:
         assert out.reasons == s.reasons == [None, None, "no_answer_tag"]
         assert dict(out.failures) == {"no_answer_tag": 1}
     torch.testing.assert_close(s.giou_shifted, s.giou + 1)
+
+
+def test_convert_boxes_numpy_and_torch_agree_with_a_float64_formula():
+    """The one coordinate module: numpy in -> numpy out, tensors in -> tensors out, every space
+    pair against x * dst_extent / src_extent computed here."""
+    import numpy as np
+
+    from megatron_vrft.rewards.coords import COORD_SPACES, convert_boxes
+
+    rng = np.random.default_rng(0)
+    boxes = rng.uniform(0, 1, (5, 4))
+    sizes = dict(image_size=(640, 480), resized_size=(644, 476))
+    extent = {"pixels_original": (640, 480), "pixels_resized": (644, 476), "norm_1000": (1000, 1000), "norm_1": (1, 1)}
+    for src in COORD_SPACES:
+        for dst in COORD_SPACES:
+            (sw, sh), (dw, dh) = extent[src], extent[dst]
+            want = boxes * np.array([dw / sw, dh / sh, dw / sw, dh / sh])
+            got = convert_boxes(boxes, src, dst, **sizes)
+            assert isinstance(got, np.ndarray) and np.allclose(got, want, rtol=1e-15, atol=0)
+            t = convert_boxes(torch.as_tensor(boxes), src, dst, **sizes)
+            assert torch.is_tensor(t) and np.allclose(t.numpy(), want, rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match="image_size"):
+        convert_boxes(boxes, "pixels_original", "norm_1000")
+    with pytest.raises(ValueError, match="unknown coordinate space"):
+        convert_boxes(boxes, "norm_2", "norm_1000")

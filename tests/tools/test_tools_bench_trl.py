@@ -1,15 +1,14 @@
-"""tools/bench_trl.py end to end on a tiny setting: the side-by-side table and JSON have a row per
-run with positive step times and peak RSS. TRL is not a project dependency: the TRL run is tested
-only where trl is importable (skipped otherwise); this project's run is tested everywhere."""
+"""tools/bench_trl.py end to end on a tiny setting: the table and JSON have a row with positive step
+times and peak RSS. TRL is not a project dependency, so CI runs this project's side of the benchmark;
+the side-by-side run (``--runs ours,trl``) needs ``pip install trl==1.16.0`` and is recorded in
+docs/benchmarks.md."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "bench_trl.py"
@@ -43,13 +42,3 @@ def test_ours_row(tmp_path):
     stdout, data = _run(tmp_path, "ours")
     _check_rows(stdout, data, ["ours"])
     assert data["comparison"] is None
-
-
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed (not a project dependency)")
-def test_side_by_side_with_trl(tmp_path):
-    stdout, data = _run(tmp_path, "ours,trl")
-    _check_rows(stdout, data, ["ours", "trl"])
-    assert "TRL settings aligned to ours" in stdout and "use_bias_correction_kl" in stdout
-    c = data["comparison"]
-    assert c["trl_over_ours_step_time"] > 0 and c["ours_over_trl_peak_rss"] > 0
-    assert isinstance(c["target_met"], bool)
