@@ -234,10 +234,9 @@ def build_grpo_case(args, torch, dtype, mods, shape) -> Case:
     adv = torch.randn(b, device=args.device, generator=gen)
     mask = torch.rand(b, t, device=args.device, generator=gen) > 0.2
     kw = dict(kl_coef=0.04, loss_agg_mode="token-mean")
-    fns = {"fused_torch": lambda: ops.fused_grpo_loss(logp, old, ref, adv, mask, impl="torch", **kw),
-           "reference": lambda: rl.compute_grpo_loss(logp, old, ref, adv, mask, **kw)}
+    fns = {"reference": lambda: rl.compute_grpo_loss(logp, old, ref, adv, mask, impl="torch", **kw)}
     if _triton_ok(args):
-        fns["triton"] = lambda: ops.fused_grpo_loss(logp, old, ref, adv, mask, impl="triton", **kw)
+        fns["triton"] = lambda: ops.fused_grpo_loss(logp, old, ref, adv, mask, **kw)
     elt = logp.element_size()
     fwd_bytes = b * t * (3 * elt + 1 + 4) + b * 4
     case = Case(kernel="grpo_loss", shape=shape, bytes_fwd=fwd_bytes, bytes_fwd_bwd=fwd_bytes + b * t * (4 + elt))

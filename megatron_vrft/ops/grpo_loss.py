@@ -30,10 +30,11 @@ Design (memory bound, so count bytes): three launches.
 Gradients flow only to ``log_probs``; old/ref log-probs and advantages are constants.
 
 Inputs are loaded and upcast to fp32 in registers (bf16 arithmetic is wrong under the Triton
-interpreter), stores cast to the output dtype. ``impl="auto"`` runs Triton on CUDA tensors or under
-``TRITON_INTERPRET=1`` and a torch implementation of the same per-token math otherwise (this module
-imports only torch/triton; the rl reference is the oracle in the tests). float64 log-probs always
-take the torch path.
+interpreter), stores cast to the output dtype. This module holds the kernels only: the one torch
+implementation of the loss is ``megatron_vrft.rl.compute_grpo_loss``, which dispatches here
+(``impl="auto"``: Triton on CUDA tensors or under ``TRITON_INTERPRET=1`` for the options the kernel
+has; the torch reference otherwise, e.g. float64, GSPO/CISPO, token weights) and is the oracle of
+the tests.
 """
 
 from __future__ import annotations
@@ -374,119 +375,8 @@ def _backward_triton(dloss, scale, grad_out, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Torch implementation of the same per-token math (CPU fallback and fp64 path)
+# The autograd Function
 # ----------------------------------------------------------------------------------------------
-
-
-def _k3_torch(d: torch.Tensor) -> torch.Tensor:
-    return torch.expm1(-d) + d
-
-
-def _forward_torch(lp, old, ref, adv, mask, policy, kl, scalars, store_loss):
-    clip_low, clip_high, clip_c, lr_clamp, kl_coef, kl_clamp = scalars
-    dtype = torch.promote_types(lp.dtype, torch.float32)
-    x = lp.to(dtype)
-    a = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).to(dtype).expand_as(x)
-    m = mask.to(dtype)
-    valid = m != 0
-    zero = torch.zeros((), dtype=dtype, device=x.device)
-    if policy == 2:
-        pg, dpg = -a, -a
-        ratio, log_r = torch.ones_like(x), torch.zeros_like(x)
-        low = high = dual = torch.zeros_like(x, dtype=torch.bool)
-    else:
-        raw = x - old.to(dtype)
-        log_r = raw.clamp(-lr_clamp, lr_clamp)
-        in_clamp = (raw >= -lr_clamp) & (raw <= lr_clamp)
-        ratio = torch.exp(log_r)
-        unclipped = -a * ratio
-        clipped = -a * ratio.clamp(clip_low, clip_high)
-        is_clipped = clipped > unclipped
-        pg = torch.where(is_clipped, clipped, unclipped)
-        dpg = torch.where(is_clipped | ~in_clamp, zero, unclipped)
-        low, high = is_clipped & (ratio < 1), is_clipped & (ratio > 1)
-        dual = torch.zeros_like(low)
-        if policy == 1:
-            bound = -a * clip_c
-            dual = (a < 0) & (bound < pg)
-            pg = torch.where(dual, bound, pg)
-            dpg = torch.where(dual, zero, dpg)
-    if kl != 0:
-        raw_k = x - ref.to(dtype)
-        d = raw_k.clamp(-lr_clamp, lr_clamp)
-        est, dest = {
-            1: lambda: (d, torch.ones_like(d)),
-            2: lambda: (0.5 * d * d, d),
-            3: lambda: (_k3_torch(d), -torch.expm1(-d)),
-        }[kl]()
-        in_k = (raw_k >= -lr_clamp) & (raw_k <= lr_clamp) & (est >= -kl_clamp) & (est <= kl_clamp)
-        kl_tok = est.clamp(-kl_clamp, kl_clamp)
-        dkl = torch.where(in_k, dest, zero)
-        loss = pg + kl_coef * kl_tok if kl_coef != 0 else pg
-        dtok = dpg + kl_coef * dkl if kl_coef != 0 else dpg
-    else:
-        kl_tok, loss, dtok = torch.zeros_like(x), pg, dpg
-
-    def msum(v):
-        return torch.where(valid, v * m, zero).sum(-1)
-
-    inf = torch.full_like(ratio, math.inf)
-    stats = torch.stack(
-        [
-            m.sum(-1), msum(pg), msum(kl_tok), msum(low.to(dtype)), msum(high.to(dtype)),
-            msum(dual.to(dtype)), msum(_k3_torch(-log_r)), msum(ratio),
-            torch.where(valid, ratio, inf).amin(-1)
-            if x.shape[-1] else m.new_full((x.shape[0],), math.inf),
-            torch.where(valid, ratio, -inf).amax(-1)
-            if x.shape[-1] else m.new_full((x.shape[0],), -math.inf),
-        ],
-        dim=-1,
-    ).unsqueeze(1)  # (B, 1, 10): one "block" per row
-    return loss, torch.where(valid, dtok * m, zero), stats
-
-
-# ----------------------------------------------------------------------------------------------
-# Aggregation over rows (the small second reduction) and the autograd Function
-# ----------------------------------------------------------------------------------------------
-
-
-def _reduce_torch(stats, mode, max_response_length, normalizer, num_tokens, kl_coef, has_kl):
-    """Torch twin of ``_grpo_loss_reduce_kernel``: -> (loss, scales (B + 1,), metrics (10,))."""
-    sums = stats[..., :8].sum(1)  # (B, 8)
-    counts = sums[:, 0]
-    zero = torch.zeros((), dtype=stats.dtype, device=stats.device)
-    one = torch.ones((), dtype=stats.dtype, device=stats.device)
-    length = num_tokens if max_response_length is None else max_response_length
-    if mode == "seq-mean-token-mean":
-        row_scale = torch.where(counts != 0, 1.0 / torch.where(counts != 0, counts, one), zero)
-    elif mode == "seq-mean-token-sum-norm":
-        if length <= 0:
-            raise ValueError(f"max_response_length must be positive, got {length}")
-        row_scale = torch.full_like(counts, 1.0 / length)
-    else:
-        row_scale = torch.ones_like(counts)
-    if normalizer is not None:
-        den = torch.as_tensor(normalizer, dtype=stats.dtype, device=stats.device)
-    elif mode == "token-mean":
-        den = counts.sum()
-    else:
-        den = (counts != 0).sum().to(stats.dtype)
-    inv_den = 1.0 / torch.where(den != 0, den, one)
-    pg_loss = (row_scale * sums[:, 1]).sum() * inv_den
-    kl_loss = (row_scale * sums[:, 2]).sum() * inv_den
-    loss = pg_loss + kl_coef * kl_loss if (has_kl and kl_coef != 0) else pg_loss
-    total = sums.sum(0)
-    inv_n = 1.0 / torch.where(total[0] != 0, total[0], one)
-    any_valid = total[0] != 0
-    ratio_min = torch.where(any_valid, stats[..., 8].amin(), zero) if stats.numel() else zero
-    ratio_max = torch.where(any_valid, stats[..., 9].amax(), zero) if stats.numel() else zero
-    metrics = torch.stack(
-        [
-            total[3] * inv_n, total[4] * inv_n, (total[3] + total[4]) * inv_n, total[5] * inv_n,
-            total[6] * inv_n, total[7] * inv_n, ratio_min, ratio_max, pg_loss, kl_loss,
-        ]
-    )
-    return loss, torch.cat([row_scale, inv_den.reshape(1)]), metrics
 
 
 class FusedGrpoLossFunction(torch.autograd.Function):
@@ -494,17 +384,14 @@ class FusedGrpoLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_probs, old_log_probs, ref_log_probs, advantages, mask, policy, kl,
-                scalars, mode, max_response_length, normalizer, use_triton, store_loss):
-        fwd = _forward_triton if use_triton else _forward_torch
-        per_token, dloss, stats = fwd(
+                scalars, mode, max_response_length, normalizer, store_loss):
+        per_token, dloss, stats = _forward_triton(
             log_probs, old_log_probs, ref_log_probs, advantages, mask, policy, kl, scalars, store_loss
         )
-        reduce = _reduce_triton if use_triton else _reduce_torch
-        loss, scale, metrics = reduce(
+        loss, scale, metrics = _reduce_triton(
             stats, mode, max_response_length, normalizer, log_probs.shape[-1], scalars[4], kl != 0
         )
         ctx.save_for_backward(dloss, scale)
-        ctx.use_triton = use_triton
         ctx.grad_dtype = log_probs.dtype
         ctx.mark_non_differentiable(per_token, metrics)
         return loss, per_token, metrics
@@ -512,12 +399,8 @@ class FusedGrpoLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_token, _grad_metrics):
         dloss, scale = ctx.saved_tensors
-        if ctx.use_triton:
-            grad = _backward_triton(dloss, scale, grad_loss.contiguous(), ctx.grad_dtype)
-        else:
-            row = (scale[:-1] * scale[-1] * grad_loss).to(dloss.dtype)
-            grad = (dloss * row.unsqueeze(-1)).to(ctx.grad_dtype)
-        return (grad,) + (None,) * 12
+        grad = _backward_triton(dloss, scale, grad_loss.contiguous(), ctx.grad_dtype)
+        return (grad,) + (None,) * 11
 
 
 def triton_usable(t: torch.Tensor) -> bool:
@@ -551,13 +434,13 @@ def fused_grpo_loss(
     max_response_length: int | None = None,
     normalizer: float | torch.Tensor | None = None,
     return_per_token_loss: bool = True,
-    impl: str = "auto",
 ) -> GrpoLossOutput:
-    """Fused GRPO loss; arguments and semantics of ``megatron_vrft.rl.compute_grpo_loss``.
+    """Fused GRPO loss (Triton); arguments and semantics of ``megatron_vrft.rl.compute_grpo_loss``,
+    which dispatches here (``impl="auto"`` / ``"fused"``) and is the one torch implementation.
 
     ``log_probs``, ``old_log_probs``, ``ref_log_probs``, ``response_mask``: ``(B, T)``;
-    ``advantages``: ``(B,)`` or ``(B, T)``. ``impl``: ``"auto"`` (Triton on CUDA or under
-    ``TRITON_INTERPRET=1``, else torch), ``"triton"`` or ``"torch"``.
+    ``advantages``: ``(B,)`` or ``(B, T)``. Raises ``ValueError`` where Triton cannot run
+    (:func:`triton_usable`: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; fp32/bf16/fp16).
     """
     if policy_loss not in POLICY_LOSS_CODES:
         raise KeyError(f"unknown policy loss {policy_loss!r}; registered: {sorted(POLICY_LOSS_CODES)}")
@@ -583,21 +466,16 @@ def fused_grpo_loss(
         raise ValueError(f"dual-clip needs clip_ratio_c > 1, got {clip_ratio_c}")
     if kl_coef != 0.0 and ref_log_probs is None:
         raise ValueError("kl_coef != 0 needs ref_log_probs")
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
-
-    use_triton = impl == "triton" or (impl == "auto" and triton_usable(log_probs))
-    if use_triton and log_probs.dtype not in _TRITON_DTYPES:
-        if impl == "triton":
-            raise ValueError(f"the Triton kernel supports {list(_TRITON_DTYPES)}, got {log_probs.dtype}")
-        use_triton = False
-    mask = response_mask
-    if use_triton:
-        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-        log_probs, old_log_probs, ref_log_probs, mask = map(
-            _as_rows, (log_probs, old_log_probs, ref_log_probs, mask)
+    if log_probs.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"the Triton kernel supports {list(_TRITON_DTYPES)}, got {log_probs.dtype}")
+    if not triton_usable(log_probs):
+        raise ValueError(
+            "the fused GRPO loss runs Triton on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
+            "megatron_vrft.rl.compute_grpo_loss(impl='auto') uses its torch implementation elsewhere"
         )
-        advantages = advantages if advantages.dim() == 1 else _as_rows(advantages)
+    mask = response_mask.view(torch.uint8) if response_mask.dtype == torch.bool else response_mask
+    log_probs, old_log_probs, ref_log_probs, mask = map(_as_rows, (log_probs, old_log_probs, ref_log_probs, mask))
+    advantages = advantages if advantages.dim() == 1 else _as_rows(advantages)
     inf = math.inf
     scalars = (
         1.0 - clip_eps_low,
@@ -610,7 +488,7 @@ def fused_grpo_loss(
     kl = 0 if ref_log_probs is None else KL_CODES[kl_estimator]
     loss, per_token, packed = FusedGrpoLossFunction.apply(
         log_probs, old_log_probs, ref_log_probs, advantages, mask, policy, kl, scalars,
-        loss_agg_mode, max_response_length, normalizer, use_triton, return_per_token_loss,
+        loss_agg_mode, max_response_length, normalizer, return_per_token_loss,
     )
     names = METRIC_NAMES if kl else METRIC_NAMES[:-1]
     metrics = {name: packed[i] for i, name in enumerate(names)}

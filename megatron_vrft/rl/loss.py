@@ -1,7 +1,8 @@
 """The GRPO objective: policy loss + KL penalty, aggregated, with training metrics.
 
-``compute_grpo_loss`` is the torch reference of the fused Triton kernel
-(``megatron_vrft.ops.grpo_loss.fused_grpo_loss``, same argument names and semantics)::
+``compute_grpo_loss`` is the one implementation of the loss: its torch code is the reference, and
+``impl="auto"`` dispatches to the fused Triton kernel (``megatron_vrft.ops.grpo_loss``, same
+argument names and semantics) where it can run::
 
     per_token = w * L_policy(logp, old_logp, A)  +  kl_coef * rho * KL(logp, ref_logp)
     loss      = aggregate(per_token, response_mask, loss_agg_mode)
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 import megatron_vrft.rl.gspo_cispo  # noqa: F401  (registers "gspo" and "cispo")
+from megatron_vrft.ops.grpo_loss import POLICY_LOSS_CODES as FUSED_POLICY_LOSSES
+from megatron_vrft.ops.grpo_loss import fused_grpo_loss, triton_usable
 from megatron_vrft.rl.aggregation import aggregate_loss, masked_token_mean
 from megatron_vrft.rl.kl import compute_kl
 from megatron_vrft.rl.policy_loss import POLICY_LOSSES, TokenPolicyLoss
@@ -97,6 +100,20 @@ def compute_policy_loss(
     )
 
 
+def fused_supports(
+    log_probs: torch.Tensor, *, policy_loss: str, token_weights: torch.Tensor | None = None,
+    kl_importance_weighted: bool = False,
+) -> bool:
+    """Whether the fused kernel can run this call: Triton usable on these log-probs, and only the
+    options it implements (its policy losses; no token weights, no importance-weighted KL)."""
+    return (
+        triton_usable(log_probs)
+        and policy_loss in FUSED_POLICY_LOSSES
+        and token_weights is None
+        and not kl_importance_weighted
+    )
+
+
 def compute_grpo_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor | None,
@@ -117,11 +134,39 @@ def compute_grpo_loss(
     normalizer: float | torch.Tensor | None = None,
     kl_importance_weighted: bool = False,
     token_weights: torch.Tensor | None = None,
+    impl: str = "torch",
 ) -> PolicyLossResult:
-    """GRPO loss (torch reference); see the module docstring. ``log_ratio_clamp`` bounds both
-    ``logp - old_logp`` and ``logp - ref_logp``; ``kl_clamp`` bounds the KL estimate.
-    ``token_weights`` ``(B, T)`` scales the per-token policy loss; ``kl_importance_weighted`` scales
-    the KL term by the detached ratio ``exp(logp - old_logp)``."""
+    """GRPO loss; see the module docstring. ``log_ratio_clamp`` bounds both ``logp - old_logp`` and
+    ``logp - ref_logp``; ``kl_clamp`` bounds the KL estimate. ``token_weights`` ``(B, T)`` scales
+    the per-token policy loss; ``kl_importance_weighted`` scales the KL term by the detached ratio
+    ``exp(logp - old_logp)``.
+
+    ``impl``: ``"torch"`` (this function's torch code: the reference), ``"fused"`` (the Triton
+    kernel ``ops.grpo_loss.fused_grpo_loss``; raises where it cannot run or lacks an option) or
+    ``"auto"`` (the kernel where Triton runs and it has every option asked for, else torch).
+    """
+    if impl not in ("torch", "fused", "auto"):
+        raise ValueError(f"impl must be 'torch', 'fused' or 'auto', got {impl!r}")
+    if impl != "torch":
+        fused_ok = fused_supports(
+            log_probs, policy_loss=policy_loss, token_weights=token_weights,
+            kl_importance_weighted=kl_importance_weighted,
+        )  # fmt: skip
+        if impl == "fused" and not fused_ok:
+            raise ValueError(
+                f"the fused GRPO loss cannot run this call (policy loss {policy_loss!r}, dtype "
+                f"{log_probs.dtype}, device {log_probs.device}, token_weights={token_weights is not None}, "
+                f"kl_importance_weighted={kl_importance_weighted}); use impl='auto' or 'torch'"
+            )
+        if fused_ok:
+            out = fused_grpo_loss(
+                log_probs, old_log_probs, ref_log_probs, advantages, response_mask,
+                policy_loss=policy_loss, loss_agg_mode=loss_agg_mode, clip_eps_low=clip_eps_low,
+                clip_eps_high=clip_eps_high, clip_ratio_c=clip_ratio_c, kl_estimator=kl_estimator,
+                kl_coef=kl_coef, kl_clamp=kl_clamp, log_ratio_clamp=log_ratio_clamp,
+                max_response_length=max_response_length, normalizer=normalizer,
+            )  # fmt: skip
+            return PolicyLossResult(loss=out.loss, per_token_loss=out.per_token_loss, metrics=dict(out.metrics))
     if log_probs.dim() != 2 or response_mask.shape != log_probs.shape:
         raise ValueError(
             f"log_probs {tuple(log_probs.shape)} and response_mask {tuple(response_mask.shape)} "

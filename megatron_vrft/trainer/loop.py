@@ -260,7 +260,7 @@ def build_grpo_loss_fn(run: RunContext, mbs: list[MicroBatch]):
             loss_agg_mode=a.loss_agg_mode, clip_eps_low=a.clip_ratio_low, clip_eps_high=a.clip_ratio_high,
             clip_ratio_c=a.dual_clip_c, kl_estimator=a.kl_estimator, kl_coef=a.kl_coef,
             kl_clamp=a.kl_clamp, normalizer=normalizer, kl_importance_weighted=a.kl_importance_weighted,
-            token_weights=weights,
+            token_weights=weights, impl="auto",
         )  # fmt: skip
         loss = out.loss
         entropy = aggregate_loss(ent, mask, a.loss_agg_mode, normalizer=normalizer)

@@ -1,5 +1,6 @@
-"""Fused GRPO loss (Triton under TRITON_INTERPRET=1 here, and its torch path) vs. the rl reference
-``megatron_vrft.rl.compute_grpo_loss`` evaluated in float64 on the same (upcast) inputs."""
+"""Fused GRPO loss (Triton, interpreted here under TRITON_INTERPRET=1) vs. the one torch
+implementation, ``megatron_vrft.rl.compute_grpo_loss``, evaluated in float64 on the same (upcast)
+inputs; and the dispatch of ``compute_grpo_loss(impl=...)`` to the kernel."""
 
 import math
 
@@ -13,7 +14,7 @@ from megatron_vrft.rl import aggregate_loss, compute_grpo_loss, compute_kl
 LOSSES = ["ppo_clip", "dual_clip", "visual_rft_unclipped"]
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 KLS = [None, "k1", "k2", "k3"]
-IMPLS = ["triton", "torch"]
+IMPLS = ["triton"]
 CFG = dict(clip_eps_low=0.2, clip_eps_high=0.28, clip_ratio_c=3.0)
 
 
@@ -43,7 +44,8 @@ def _reference(lp, old, ref, adv, mask, **kw):
 
 def _fused(lp, old, ref, adv, mask, impl, grad_scale=1.0, **kw):
     x = lp.clone().requires_grad_(True)
-    out = fused_grpo_loss(x, old, ref, adv, mask, impl=impl, **kw)
+    assert impl == "triton"
+    out = fused_grpo_loss(x, old, ref, adv, mask, **kw)
     (out.loss * grad_scale).backward()
     return out, x.grad
 
@@ -93,9 +95,9 @@ def _check(out, grad, res, ref_grad, rtol, what, lp, ref, mask, kw):
         _assert_close_rel(grad, ref_grad, rtol, f"{what} grad")
 
 
-# The torch path runs the full product; the interpreted kernel (~0.2 s a call) runs a Latin square
-# that still pairs every policy loss with every mode and every KL type.
-FP32_CASES = [("torch", p, m, k) for p in LOSSES for m in MODES for k in KLS] + [
+# The interpreted kernel (~0.2 s a call) runs a Latin square that pairs every policy loss with every
+# mode and every KL type.
+FP32_CASES = [
     ("triton", p, m, KLS[(i + j) % len(KLS)]) for i, p in enumerate(LOSSES) for j, m in enumerate(MODES)
 ]
 
@@ -143,7 +145,7 @@ def test_normalizer_float_mask_and_grad_scale(impl, mode):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_strided_rows_and_fp64_torch_path(impl):
+def test_strided_rows(impl):
     lp, old, ref, adv, mask = _inputs(3, b=5, t=40)
     wide = torch.zeros(5, 64)
     wide[:, 3:43] = lp  # row stride 64: a view into a larger buffer
@@ -151,9 +153,6 @@ def test_strided_rows_and_fp64_torch_path(impl):
     res, ref_grad = _reference(lp, old, ref, adv, mask, **kw)
     out, grad = _fused(wide[:, 3:43], old[:, ::1], ref, adv, mask, impl, **kw)
     _check(out, grad, res, ref_grad, 1e-5, impl, lp, ref, mask, kw)
-    if impl == "torch":
-        out64, grad64 = _fused(lp.double(), old.double(), ref.double(), adv.double(), mask, "auto", **kw)
-        _check(out64, grad64, res, ref_grad, 1e-12, "fp64", lp, ref, mask, kw)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # r = inf, unclamped
@@ -182,7 +181,9 @@ def test_extreme_log_ratios_and_all_masked(impl, policy_loss):
     assert all(v.item() == 0.0 for v in out.metrics.values())
 
 
-def test_dispatch(monkeypatch):
+def test_rl_dispatches_to_the_kernel_where_it_can(monkeypatch):
+    """compute_grpo_loss(impl="auto") runs the kernel for what it implements and its torch code
+    otherwise; impl="fused" refuses what the kernel cannot do; impl="torch" never calls it."""
     lp, old, ref, adv, mask = _inputs(0, b=2, t=5)
     calls = []
     real = G._forward_triton
@@ -192,16 +193,28 @@ def test_dispatch(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(G, "_forward_triton", spy)
-    fused_grpo_loss(lp, old, ref, adv, mask, impl="torch")
-    fused_grpo_loss(lp.double(), old, ref, adv, mask)  # fp64 never goes to the kernel
+    kw = dict(kl_coef=0.1, **CFG)
+    torch_out = compute_grpo_loss(lp, old, ref, adv, mask, impl="torch", **kw)
+    compute_grpo_loss(lp.double(), old.double(), ref.double(), adv.double(), mask, impl="auto", **kw)  # fp64
+    compute_grpo_loss(lp, old, ref, adv, mask, impl="auto", policy_loss="gspo", **CFG)  # not in the kernel
+    compute_grpo_loss(lp, old, ref, adv, mask, impl="auto", token_weights=torch.ones_like(lp), **kw)
+    compute_grpo_loss(lp, old, ref, adv, mask, impl="auto", kl_importance_weighted=True, **kw)
     assert not calls
+    auto = compute_grpo_loss(lp, old, ref, adv, mask, impl="auto", **kw)
+    assert calls == [1]
+    assert torch.allclose(auto.loss, torch_out.loss, rtol=1e-5) and set(auto.metrics) == set(torch_out.metrics)
+    with pytest.raises(ValueError, match="cannot run this call"):
+        compute_grpo_loss(lp, old, ref, adv, mask, impl="fused", policy_loss="cispo", **CFG)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if not torch.cuda.is_available():
-        fused_grpo_loss(lp, old, ref, adv, mask)
-        assert not calls
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    fused_grpo_loss(lp, old, ref, adv, mask)
-    assert calls == [1]
+        compute_grpo_loss(lp, old, ref, adv, mask, impl="auto", **kw)  # no Triton here: torch
+        assert calls == [1]
+        with pytest.raises(ValueError, match="cannot run this call"):
+            compute_grpo_loss(lp, old, ref, adv, mask, impl="fused", **kw)
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            fused_grpo_loss(lp, old, ref, adv, mask)
+    with pytest.raises(ValueError, match="impl must be"):
+        compute_grpo_loss(lp, old, ref, adv, mask, impl="cuda")
 
 
 def test_bad_arguments_raise():
@@ -221,7 +234,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="advantages"):
         fused_grpo_loss(lp, old, ref, adv[:1], mask)
     with pytest.raises(ValueError, match="Triton kernel supports"):
-        fused_grpo_loss(lp.double(), old, ref, adv, mask, impl="triton")
+        fused_grpo_loss(lp.double(), old, ref, adv, mask)
 
 
 def test_compile_specs_cover_every_kernel_and_branch():
@@ -255,7 +268,7 @@ def test_many_rows_and_multi_block_rows(impl, mode, b, t, monkeypatch):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_empty_batch(impl):
     lp = torch.zeros(0, 5, requires_grad=True)
-    out = fused_grpo_loss(lp, lp.detach(), None, torch.zeros(0), torch.zeros(0, 5, dtype=torch.bool), impl=impl)
+    out = fused_grpo_loss(lp, lp.detach(), None, torch.zeros(0), torch.zeros(0, 5, dtype=torch.bool))
     out.loss.backward()
     assert out.loss.item() == 0.0 and lp.grad.shape == (0, 5)
 
