@@ -45,20 +45,21 @@ if [ "${1:-}" = "gpu-resolve" ]; then
   # hence an interpreter with torch 2.14.0 (.venv-py312). flash-attn (source only, optional) is
   # left out.
   V=${PYTHON:-${PY312_VENV:-.venv-py312}/bin/python}
+  CONSTRAINTS=${GPU_CONSTRAINTS:-constraints/gpu.txt}
   REPORT=$(mktemp) LOG=$(mktemp)
   trap 'rm -f "$REPORT" "$LOG"' EXIT
   # pip's log is shown only on failure (long lines unwrapped, unreachable find-links lines dropped).
   COLUMNS=400 MEGATRON_VRFT_BUILD_CUDA=0 $V -m pip install --dry-run --ignore-installed \
-    --no-build-isolation --report "$REPORT" -c constraints/gpu.txt torch torchvision triton \
+    --no-build-isolation --report "$REPORT" -c "$CONSTRAINTS" torch torchvision triton \
     megatron-core transformers vllm transformer-engine transformer-engine-cu13 \
     transformer-engine-torch -e ".[demo,test]" > "$LOG" 2>&1 \
     || { grep -v "is neither a file nor a directory" "$LOG" | tail -n 40; echo "GPU set does NOT resolve" >&2; exit 1; }
-  $V - "$REPORT" <<'PYEOF'
+  $V - "$REPORT" "$CONSTRAINTS" <<'PYEOF'
 import json, sys
 got = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
        for i in json.load(open(sys.argv[1]))["install"]}
 want = {}
-for line in open("constraints/gpu.txt"):
+for line in open(sys.argv[2]):
     line = line.split("#")[0].strip()
     if "==" in line:
         name, version = line.split("==")
@@ -67,7 +68,7 @@ missing = sorted(n for n in want if n != "flash-attn" and got.get(n) != want[n])
 print(f"GPU set resolves: {len(got)} packages, no conflicts; " + ", ".join(
     f"{n} {got[n]}" for n in sorted(want) if n in got))
 if missing:
-    sys.exit(f"resolved versions differ from constraints/gpu.txt: {missing}")
+    sys.exit(f"resolved versions differ from {sys.argv[2]}: {missing}")
 PYEOF
   exit 0
 fi
