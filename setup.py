@@ -42,13 +42,15 @@ EXTRAS = {
         "scikit-image",
         "scikit-learn",
     ],
-    # GPU hosts: megatron-core's GPU companions and the rollout engine.
+    # GPU hosts: megatron-core's GPU companions and the rollout engine. Use the tested versions:
+    # `bash tools/install.sh gpu` (constraints/gpu.txt), not a bare `pip install .[gpu]`.
     "gpu": [
         "triton>=3.3",
         "transformer-engine[pytorch]",
-        "flash-attn",
         "vllm",
     ],
+    # Source only on PyPI (a long CUDA build): FLASH_ATTN=1 bash tools/install.sh gpu.
+    "flash-attn": ["flash-attn"],
     "demo": ["scikit-image", "scikit-learn"],
 }
 

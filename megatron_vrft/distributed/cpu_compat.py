@@ -7,11 +7,12 @@ megatron module gets its own view of ``torch``: a proxy that forwards everything
 
 - ``torch.cuda.current_device()`` -> ``torch.device("cpu")`` (it is used as a *device* argument),
 - ``torch.cuda.synchronize()`` -> no-op,
+- ``torch.cuda.current_stream()`` -> a stream whose ``wait_event``/``wait_stream`` are no-ops,
 - ``torch.cuda.get_rng_state / set_rng_state / manual_seed`` -> the CPU generator's,
 - tensor factories (``zeros``, ``ones``, ``empty``, ``full``, ``arange``, ``tensor``) called with
   ``device="cuda"`` (or a CUDA ``torch.device``) -> created on the CPU.
 
-Patched behaviours (megatron-core 0.16.1), each with a test in
+Patched behaviours (megatron-core 0.16.1 and 0.19.2: the same hard-codes in both), each with a test in
 ``tests/distributed/test_distributed_cpu_compat.py``:
 
 1. ``models/common/embeddings/rotary_pos_embedding.py``: ``RotaryEmbedding.get_emb`` moves
@@ -38,7 +39,8 @@ Patched behaviours (megatron-core 0.16.1), each with a test in
    builds small bookkeeping tensors on ``torch.cuda.current_device()``.
 
 10. ``distributed/{param_and_grad_buffer,distributed_data_parallel}.py``: megatron's DDP allocates
-    its contiguous parameter/gradient buffers on ``torch.cuda.current_device()``.
+    its contiguous parameter/gradient buffers on ``torch.cuda.current_device()``; from 0.17 on,
+    ``start_grad_sync`` also waits on ``torch.cuda.current_stream()`` for CUDA-graph events.
 11. ``optimizer/{optimizer,clip_grads}.py``: CUDA overflow/norm buffers, and
     ``clip_grad_by_total_norm_fp32`` asserts ``param.grad.type() == 'torch.cuda.FloatTensor'``;
     during that one function a CPU float32 tensor reports the CUDA type name (a tensor method, so
@@ -51,7 +53,7 @@ Known CUDA hard-codes NOT patched (not on any path the project runs): the distri
 
 Policy: patches apply only when ``torch.cuda.is_available()`` is False. They were verified on the
 megatron-core versions in ``VERIFIED_MEGATRON_CORE_VERSIONS``; on another version they are still
-applied with a ``RuntimeWarning`` (the hard-codes are known to be unchanged in 0.19.2), and a
+applied with a ``RuntimeWarning``, and a
 patch target that no longer exists raises ``RuntimeError`` naming it, so a changed megatron-core
 fails loudly rather than silently running a half-patched model. Applying twice is a no-op.
 """
@@ -67,7 +69,9 @@ from typing import Any
 
 import torch
 
-VERIFIED_MEGATRON_CORE_VERSIONS = ("0.16.1",)
+# The versions the whole suite ran on: 0.16.1 (Python 3.11, the CPU target) and 0.19.2 (Python 3.12,
+# the GPU-host target; its CI leg runs on the CPU). Both are pinned in constraints/*.txt.
+VERIFIED_MEGATRON_CORE_VERSIONS = ("0.16.1", "0.19.2")
 
 # Modules whose global name ``torch`` is replaced by a CPU-redirecting proxy.
 PATCHED_MODULES = (
@@ -109,6 +113,19 @@ def _cpu_factory(fn):
     return factory
 
 
+class _NullStream:
+    """Stands in for a CUDA stream: CPU work is synchronous, so waiting is a no-op."""
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
 class _CpuCuda(types.SimpleNamespace):
     """Stands in for ``torch.cuda`` inside a patched module."""
 
@@ -122,6 +139,10 @@ class _CpuCuda(types.SimpleNamespace):
     @staticmethod
     def synchronize(device: Any = None) -> None:
         return None
+
+    @staticmethod
+    def current_stream(device: Any = None) -> "_NullStream":
+        return _NullStream()
 
     @staticmethod
     def get_rng_state(device: Any = "cuda") -> torch.Tensor:
@@ -221,9 +242,17 @@ def _patch_clip_grads() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
-def _check_version() -> str:
+def megatron_core_version() -> str:
+    """megatron-core's public version: 0.19+ append ``+<git hash>`` to ``__version__`` when imported
+    from inside any git work tree (a virtual environment in a clone, as in CI); that suffix is dropped."""
     from megatron.core import __version__ as version
+    from packaging.version import Version
 
+    return Version(version).public
+
+
+def _check_version() -> str:
+    version = megatron_core_version()
     if version not in VERIFIED_MEGATRON_CORE_VERSIONS:
         warnings.warn(
             f"megatron_vrft CPU patches were verified on megatron-core "

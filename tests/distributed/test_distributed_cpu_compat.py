@@ -58,9 +58,17 @@ def test_unverified_version_warns(monkeypatch):
 
 
 def test_verified_version_is_silent():
+    assert cpu_compat.megatron_core_version() in cpu_compat.VERIFIED_MEGATRON_CORE_VERSIONS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        apply_cpu_compat_patches()
+
+
+def test_public_version_drops_the_git_suffix(monkeypatch):
     import megatron.core
 
-    assert megatron.core.__version__ in cpu_compat.VERIFIED_MEGATRON_CORE_VERSIONS
+    monkeypatch.setattr(megatron.core, "__version__", "0.19.2+2ca2477")
+    assert cpu_compat.megatron_core_version() == "0.19.2"
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         apply_cpu_compat_patches()

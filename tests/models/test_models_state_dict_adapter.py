@@ -307,7 +307,7 @@ def test_qkv_matches_mcore_self_attention(mcore_world, heads, kv_heads):
 
 def test_fc1_matches_mcore_mlp(mcore_world):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
     from megatron_vrft.models.qwen2_vl.spec import Qwen2VLParallelism, build_transformer_config
 
@@ -315,7 +315,13 @@ def test_fc1_matches_mcore_mlp(mcore_world):
     sd = tiny_state_dict(cfg)
     arch = as_arch(cfg)
     tc = build_transformer_config(arch, Qwen2VLParallelism())
-    mlp = build_module(get_gpt_layer_local_spec(normalization="RMSNorm").submodules.mlp, config=tc)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.mlp
+    if isinstance(spec, ModuleSpec):  # megatron-core 0.16: a ModuleSpec of MLP
+        mlp = build_module(spec, config=tc)
+    else:  # 0.17+: a builder (functools.partial of MLP.as_mlp_submodule), called as TransformerLayer does
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        mlp = spec(config=tc, pg_collection=ProcessGroupCollection.use_mpu_process_groups(), is_mtp_layer=False)
     shard = hf_to_megatron_shard(sd, arch, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
     prefix = LM + "decoder.layers.0.mlp."
     mlp.load_state_dict({k[len(prefix) :]: v for k, v in shard.items() if k.startswith(prefix)}, strict=False)
