@@ -26,7 +26,7 @@ from this project's are aligned to ours and listed in the output.
 TRL is not a dependency of this project. Install it for the benchmark only, keeping the CPU torch
 build and the project's transformers::
 
-    pip install "trl==1.16.0" "torch==2.13.0" "transformers==5.23.0"
+    pip install "trl==1.16.0" -c constraints/cpu.txt
 
 Usage::
 
@@ -373,7 +373,7 @@ def main(argv=None) -> int:
 
         if importlib.util.find_spec("trl") is None:
             print('error: trl is not installed; for this benchmark only: '
-                  'pip install "trl==1.16.0" "torch==2.13.0" "transformers==5.23.0"', file=sys.stderr)
+                  'pip install "trl==1.16.0" -c constraints/cpu.txt', file=sys.stderr)
             return 2
     settings = {k: getattr(args, k) for k in ("steps", "skip", "prompts_per_step", "num_generations",
                                                "max_new_tokens", "num_synthetic", "temperature", "beta", "lr",
