@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import random
 import time
@@ -125,7 +126,7 @@ def train(cfg: VisualRFTConfig) -> TrainResult:
         files["reward_curve"] = str(png)
     metrics.close()
     if run.rank == 0:
-        (out_dir / "config.json").write_text(__import__("json").dumps(config_to_dict(cfg), indent=2))
+        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
         logger.info("phase timings (all steps)\n%s", timer.table())
     return TrainResult(output_dir=out_dir, steps=total_steps, final_metrics={**last, **final},
                        hf_checkpoint=hf_dir, files=files)
@@ -172,22 +173,19 @@ def grpo_step(run: RunContext, step: int, timer: PhaseTimer, *, sync_weights: bo
     if sync_weights:
         with timer.phase("weight_sync"):
             run.engine.wake_up(["weights"])
-            buckets = export_hf_weights(run.actor.policies, run.arch, run.groups,
-                                        num_virtual_stages=cfg.parallel.virtual_pipeline_parallel_size,
-                                        bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 2**20)
-            run.engine.update_weights(itertools.chain.from_iterable(buckets))
+            run.engine.update_weights(policy_weights(run))
     offload = cfg.trainer.offload_during_rollout if run.on_gpu else []
     if offload:
         with timer.phase("offload"):
-            released = Offloader(trainer_tensors(run.actor.chunks, run.actor.optimizer))
-            released_bytes = released.offload(offload)
+            offloader = Offloader(trainer_tensors(run.actor.chunks, run.actor.optimizer))
+            released_bytes = offloader.offload(offload)
     with timer.phase("rollout"):
         run.engine.wake_up(["kv_cache"])
         batch = rollout(run, prompts, step=step)
         run.engine.sleep(cfg.rollout.sleep_level)
     if offload:
         with timer.phase("offload"):
-            released.onload()
+            offloader.onload()
 
     maybe_crash("step", step)
     with timer.phase("rewards"):
@@ -358,10 +356,7 @@ def evaluate(run: RunContext, step: int) -> dict:
     """Greedy answers of the trained policy on held-out prompts, scored by the rewards."""
     cfg = run.cfg
     run.engine.wake_up(["weights"])
-    run.engine.update_weights(itertools.chain.from_iterable(
-        export_hf_weights(run.actor.policies, run.arch, run.groups,
-                          num_virtual_stages=cfg.parallel.virtual_pipeline_parallel_size,
-                          bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 2**20)))
+    run.engine.update_weights(policy_weights(run))
     run.engine.wake_up(["kv_cache"])
     greedy = SamplingParams(n=1, greedy=True, max_new_tokens=cfg.rollout.max_new_tokens,
                             stop_token_ids=run.stop_ids)
@@ -378,7 +373,7 @@ def evaluate(run: RunContext, step: int) -> dict:
     out["eval/num_prompts"] = len(prompts)
     if run.rank == 0:
         examples = [{"source_id": batch.prompt_of(i).source_id, "completion": batch.texts[i]} for i in range(min(8, len(batch)))]
-        (Path(cfg.trainer.output_dir) / "eval_examples.json").write_text(__import__("json").dumps(examples, indent=1))
+        (Path(cfg.trainer.output_dir) / "eval_examples.json").write_text(json.dumps(examples, indent=1))
     return out
 
 
@@ -429,14 +424,20 @@ def restore(run: RunContext, state: dict) -> int:
     return int(state["step"])
 
 
+def policy_weights(run: RunContext):
+    """The policy's HF-named full tensors, streamed bucket by bucket (collective: every rank of the
+    model-parallel group iterates it to the end). One export feeds the engine and the HF writer."""
+    return itertools.chain.from_iterable(
+        export_hf_weights(run.actor.policies, run.arch, run.groups,
+                          num_virtual_stages=run.cfg.parallel.virtual_pipeline_parallel_size,
+                          bucket_bytes=run.cfg.rollout.weight_sync_bucket_mb * 2**20))
+
+
 def export_hf_checkpoint(run: RunContext, out_dir: Path) -> Path | None:
     """The policy as an HF checkpoint (safetensors, config, tokenizer, image processor). Collective."""
     from megatron_vrft.models.conversion_hf import write_hf_checkpoint
 
-    stream = itertools.chain.from_iterable(
-        export_hf_weights(run.actor.policies, run.arch, run.groups,
-                          num_virtual_stages=run.cfg.parallel.virtual_pipeline_parallel_size,
-                          bucket_bytes=run.cfg.rollout.weight_sync_bucket_mb * 2**20))
+    stream = policy_weights(run)
     if run.rank == 0:
         write_hf_checkpoint(((n, t.contiguous()) for n, t in stream), out_dir,
                             config=run.arch.hf_config.to_dict(), overwrite=True)
