@@ -41,7 +41,10 @@ EXTRAS = {
         "triton>=3.3",
         "scikit-image",
         "scikit-learn",
+        "wandb",
     ],
+    # Weights & Biases logging (logging.wandb_project); TensorBoard and JSONL need nothing extra.
+    "wandb": ["wandb"],
     # GPU hosts: megatron-core's GPU companions and the rollout engine. Use the tested versions:
     # `bash tools/install.sh gpu` (constraints/gpu.txt), not a bare `pip install .[gpu]`.
     "gpu": [

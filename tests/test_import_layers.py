@@ -7,19 +7,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_vrft"
 
 # package -> megatron_vrft subpackages it may import (itself always allowed)
 ALLOWED_INTERNAL = {
+    "storage": set(),
     "config": set(),
     "ops": set(),
     "rl": {"ops"},
     "rewards": {"ops"},
     "eval": {"ops", "rewards"},
-    "data": {"ops", "rewards"},
+    "data": {"ops", "rewards", "storage"},
     "distributed": set(),
-    "models": {"ops", "distributed"},
-    "rollout": {"ops", "rewards", "data", "models", "distributed"},
-    "trainer": {"config", "ops", "rl", "rewards", "eval", "data", "distributed", "models", "rollout"},
+    "models": {"ops", "distributed", "storage"},
+    "rollout": {"ops", "rewards", "data", "models", "distributed", "storage"},
+    "trainer": {"config", "ops", "rl", "rewards", "eval", "data", "distributed", "models", "rollout", "storage"},
 }
 # third-party roots a package must not import (the pure-math layers stay free of model stacks)
 FORBIDDEN_EXTERNAL = {
+    "storage": {"torch", "numpy", "megatron", "transformers", "triton"},
     "config": {"torch", "megatron", "transformers", "triton"},
     "ops": {"megatron", "transformers"},
     "rl": {"megatron", "transformers", "triton", "PIL", "datasets"},

@@ -219,7 +219,7 @@ def child_trl(args, out_json: Path, work: Path) -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from megatron_vrft.data import build_qwen2vl_processor, load_records, preprocess_records, to_reward_ground_truth
+    from megatron_vrft.data import build_qwen2vl_processor, load_records, preprocess_records
     from megatron_vrft.rewards import compute_rewards
     from megatron_vrft.rollout.engine import vision_token_ids
 
@@ -231,7 +231,7 @@ def child_trl(args, out_json: Path, work: Path) -> None:
     examples, _ = preprocess_records(records, processor)
     by_id = {e.source_id: e for e in examples}
     records = [r for r in records if r.source_id in by_id]
-    ground_truths = [to_reward_ground_truth(by_id[r.source_id]) for r in records]
+    ground_truths = [by_id[r.source_id].ground_truth for r in records]
     dataset = Dataset.from_dict({
         "prompt": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r.problem}]}]
                    for r in records],

@@ -4,7 +4,10 @@
     torchrun --nproc_per_node N tools/evaluate.py --config RUN.yaml --checkpoint HF_DIR --output-dir OUT
     python tools/evaluate.py --config RUN.yaml --predictions preds.jsonl [--output metrics.json] [k=v ...]
 
-``--checkpoint``: an HF checkpoint (e.g. a run's ``hf_checkpoint/``, with its tokenizer) generates
+``--checkpoint``: an HF checkpoint (e.g. a run's ``hf_checkpoint/``, with its tokenizer), or a
+Megatron distributed checkpoint (a training checkpoint ``checkpoints/step_N``, a run's
+``checkpoints/`` folder for its latest, or ``tools/convert_checkpoint.py`` output, at any TP/PP;
+its tokenizer comes from the config's ``model.hf_path``, or the built-in tiny one) generates
 one answer per record of the config's ``data`` section (greedy unless ``--temperature``), batched,
 with a rollout engine (``--engine``: vLLM where installed with CUDA, else transformers), records
 dealt over the torchrun ranks; ``OUT/predictions.jsonl`` is appended as it goes, so a rerun skips
@@ -30,11 +33,11 @@ from megatron_vrft.config import ConfigError, load_config
 from megatron_vrft.data import (
     build_image_processor,
     compute_resized_size,
+    ground_truth_in_model_space,
     load_records,
     read_image_size,
-    to_reward_ground_truth,
 )
-from megatron_vrft.eval.evaluate import evaluate_completions, with_crowd_regions
+from megatron_vrft.eval.evaluate import evaluate_completions
 
 
 def read_predictions(path: Path) -> dict[str, str]:
@@ -70,15 +73,18 @@ def evaluate_run(cfg, predictions: dict[str, str], protocol: str = "coco") -> di
         if record.image_size is None:  # a header read, no full decode
             record = dataclasses.replace(record, image_size=read_image_size(record.images[0]))
         resized = compute_resized_size(*record.image_size, image_processor)
-        gt = to_reward_ground_truth(record, box_space=d.coord_space, resized_size=resized)
-        if d.task == "detection":  # COCO crowd regions: ignored by COCOeval, never false positives
-            g = record.ground_truth
-            gt = with_crowd_regions(gt, g.crowd_boxes, g.crowd_categories, crowd_space=g.coord_space)
-        ground_truths.append(gt)
+        # COCO crowd regions travel with it: ignored by COCOeval, never false positives
+        ground_truths.append(ground_truth_in_model_space(record, d.coord_space, resized_size=resized))
         if record.source_id not in predictions:
             missing += 1
         completions.append(predictions.get(record.source_id, ""))
     options = {"protocol": protocol} if d.task == "detection" else {}
+    if d.task == "detection" and (protocol == "lvis" or d.source == "lvis"):
+        from megatron_vrft.eval.lvis_map import lvis_labels_from_file
+
+        # APr / APc / APf by the LVIS API: needs the annotation file's frequencies and per-image
+        # negative / not-exhaustive category lists
+        options["lvis"] = lvis_labels_from_file(d.path, [int(r.metadata["image_id"]) for r in records])
     if d.task == "classification":
         options = {"mode": cfg.reward.classification_mode}
     metrics = evaluate_completions(d.task, completions, ground_truths, **options)
@@ -86,25 +92,50 @@ def evaluate_run(cfg, predictions: dict[str, str], protocol: str = "coco") -> di
     return metrics
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """The checkpoint directory ``path`` names: itself (HF or Megatron), or for a run's
+    ``checkpoints/`` folder its latest complete checkpoint. Raises FileNotFoundError naming it."""
+    if (path / "config.json").is_file() or (path / "megatron_vrft_checkpoint.json").is_file():
+        return path
+    if (path / "latest").is_file():
+        return resolve_checkpoint(path / (path / "latest").read_text().strip())
+    raise FileNotFoundError(f"--checkpoint {path}: neither an HF checkpoint (config.json) nor a Megatron "
+                            "checkpoint (megatron_vrft_checkpoint.json) nor a run's checkpoints/ folder")
+
+
+def open_checkpoint(path: Path, cfg):
+    """``(arch, tokenizer, HF-named weight stream)`` of an HF or Megatron checkpoint directory."""
+    from megatron_vrft.data import build_tiny_tokenizer, load_tokenizer
+    from megatron_vrft.models.conversion import MegatronCheckpointReader
+    from megatron_vrft.models.conversion_hf import HfCheckpointReader
+    from megatron_vrft.models.qwen2_vl.state_dict_adapter import as_arch
+
+    if (path / "config.json").is_file():
+        reader = HfCheckpointReader(path)
+        return (as_arch(json.loads((path / "config.json").read_text())), load_tokenizer(path),
+                ((n, reader.get(n)) for n in reader.names()))
+    reader = MegatronCheckpointReader(path)  # any TP/PP layout; one layer in memory at a time
+    tokenizer = load_tokenizer(cfg.model.hf_path) if cfg.model.hf_path else build_tiny_tokenizer()
+    return reader.arch, tokenizer, reader.iter_hf()
+
+
 def generate_predictions(cfg, checkpoint: Path, out_dir: Path, *, engine_name: str, temperature: float,
                          batch_size: int, progress: bool) -> tuple[Path, list, list]:
     """Answers of the checkpoint for every usable record, appended to ``out_dir/predictions.jsonl``.
 
-    Returns the predictions file and (examples, their reward ground truths) for the picture.
+    Returns the predictions file and (examples, their ground truths) for the picture.
     """
     import torch
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from megatron_vrft.data import build_qwen2vl_processor, load_tokenizer, preprocess_records
-    from megatron_vrft.models.conversion_hf import HfCheckpointReader
-    from megatron_vrft.models.qwen2_vl.state_dict_adapter import as_arch
+    from megatron_vrft.data import build_qwen2vl_processor, preprocess_records
     from megatron_vrft.rollout.engine import build_engine, resolve_engine_name, vision_token_ids
     from megatron_vrft.rollout.types import SamplingParams
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     d = cfg.data
-    tokenizer = load_tokenizer(checkpoint)
+    arch, tokenizer, weights = open_checkpoint(checkpoint, cfg)
     processor = build_qwen2vl_processor(tokenizer, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
     records = load_records(d.source, d.task, path=d.path, image_root=d.image_root, box_space=d.coord_space,
                            annotation_coord_space=d.annotation_coord_space, k_shot=d.k_shot,
@@ -119,14 +150,12 @@ def generate_predictions(cfg, checkpoint: Path, out_dir: Path, *, engine_name: s
     part = out_dir / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
     done = read_predictions(part) if part.exists() else {}
     todo = [e for i, e in enumerate(examples) if i % world == rank and e.source_id not in done]
-    arch = as_arch(json.loads((checkpoint / "config.json").read_text()))
     name = resolve_engine_name(engine_name)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     engine = build_engine(name, arch, tokenizer=tokenizer, blocked_token_ids=vision_token_ids(tokenizer, arch.vocab_size),
                           device=device, dtype=torch.float32,
                           **({} if name == "hf" else dict(min_pixels=d.min_pixels, max_pixels=d.max_pixels)))
-    reader = HfCheckpointReader(checkpoint)
-    engine.update_weights((n, reader.get(n)) for n in reader.names())
+    engine.update_weights(weights)
     stop = tuple(i for i in tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) if i is not None)
     sampling = SamplingParams(n=1, greedy=temperature == 0, temperature=temperature or 1.0,
                               max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop)
@@ -145,7 +174,7 @@ def generate_predictions(cfg, checkpoint: Path, out_dir: Path, *, engine_name: s
                 merged.update(read_predictions(out_dir / f"predictions.rank{r}.jsonl"))
             final.write_text("".join(json.dumps({"source_id": k, "completion": v}) + "\n" for k, v in merged.items()))
         dist.barrier()
-    return final, examples, [to_reward_ground_truth(e) for e in examples]
+    return final, examples, [e.ground_truth for e in examples]
 
 
 def main(argv=None) -> int:
@@ -153,7 +182,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="YAML run config (its data section is evaluated)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--predictions", type=Path, help="JSONL of {source_id, completion}")
-    source.add_argument("--checkpoint", type=Path, help="HF checkpoint directory to generate with")
+    source.add_argument("--checkpoint", type=Path,
+                        help="HF or Megatron checkpoint directory (or a run's checkpoints/ folder) to generate with")
     parser.add_argument("--output-dir", type=Path, help="with --checkpoint: predictions, metrics, report, PNG")
     parser.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -189,8 +219,10 @@ def evaluate_checkpoint(cfg, args) -> int:
 
     from megatron_vrft.eval.visualize import draw_prediction_grid, markdown_report
 
-    if not (args.checkpoint / "config.json").is_file():
-        print(f"error: --checkpoint {args.checkpoint}: not an HF checkpoint directory (no config.json)", file=sys.stderr)
+    try:
+        args.checkpoint = resolve_checkpoint(args.checkpoint)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     out_dir = args.output_dir or (args.checkpoint.parent / "evaluation")
     if "RANK" in os.environ and not dist.is_initialized():

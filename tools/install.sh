@@ -90,6 +90,7 @@ if [ "${1:-}" = "gpu" ]; then
     $PY -m pip install -q $C --no-build-isolation flash-attn
   fi
   MEGATRON_VRFT_BUILD_CUDA=${MEGATRON_VRFT_BUILD_CUDA:-1} $PY -m pip install -q $C --no-build-isolation -e ".[demo,test]"
+  $PY -m pip install -q --no-deps -r constraints/no-deps.txt  # the LVIS API without OpenCV (see the file)
   $PY -c "import torch, megatron.core, transformers, vllm, transformer_engine; \
 print('torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| transformers', \
 transformers.__version__, '| vllm', vllm.__version__, '| transformer-engine', transformer_engine.__version__)"
@@ -130,6 +131,7 @@ elif text.count("if torchvision.extension._has_ops() else (lambda fn: fn))") != 
 PYEOF
   $V -m pip install -q $C megatron-core transformers
   MEGATRON_VRFT_BUILD_CUDA=0 $V -m pip install -q $C --no-build-isolation -e ".[test]"
+  $V -m pip install -q --no-deps -r constraints/no-deps.txt
   $V -c "import torchvision, transformers; from megatron_vrft.rollout.vllm_engine import import_vllm; \
 print('vllm', import_vllm().__version__, '| transformers', transformers.__version__, '| torchvision', torchvision.__version__)"
   echo "vLLM environment ready: $V -m pytest -m vllm tests/rollout/test_rollout_vllm_engine.py"
@@ -143,6 +145,9 @@ if is_py312_or_newer "$PY"; then C="-c constraints/gpu.txt"; else C="-c constrai
 $PY -m pip install -q $C torch
 $PY -m pip install -q $C megatron-core transformers
 MEGATRON_VRFT_BUILD_CUDA=${MEGATRON_VRFT_BUILD_CUDA:-0} $PY -m pip install -q $C --no-build-isolation -e ".[${extras}]"
+# Packages installed without their declared dependencies (constraints/no-deps.txt says why): the
+# official LVIS API, whose OpenCV/matplotlib requirements serve only its visualisation module.
+$PY -m pip install -q --no-deps -r constraints/no-deps.txt
 if $PY -c "import torchvision" 2>/dev/null; then
   echo "warning: torchvision is installed; it breaks transformers' CPU image processing" >&2
 fi

@@ -18,7 +18,6 @@ when a difference exceeds ``--tolerance``. Run it on GPU hosts after upgrading v
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import subprocess

@@ -217,6 +217,12 @@ class DataConfig:
         default=None,
     )
     image_root: str | None = doc("Directory that image paths in the annotations are relative to.", default=None)
+    eval_path: str | None = doc(
+        "Held-out split the trainer evaluates at trainer.eval_interval and at the end (same source "
+        "format and image_root as path; all its records, no k_shot). None: synthetic tasks use a "
+        "fresh seed, datasets are evaluated with tools/evaluate.py only.",
+        default=None,
+    )
     k_shot: int | None = doc("Examples per category for few-shot sampling; None takes all.", default=None)
     categories: list[str] | None = doc(
         "Restrict to these category names (e.g. a base or novel split); None keeps all.", default=None
@@ -308,6 +314,12 @@ class TrainerConfig:
     seed: int = doc("Global seed (model init, sampling).", default=1234)
     output_dir: str = doc("Run directory: checkpoints, metrics, plots.", default="outputs/run")
     save_interval: int = doc("Steps between checkpoints; 0 saves only at the end.", default=0)
+    eval_interval: int = doc(
+        "Steps between evaluations of the policy on held-out prompts (greedy answers; task metrics as "
+        "tools/evaluate.py computes them, and the rewards); 0 evaluates only at the end. Held-out "
+        "prompts: data.eval_path, or a fresh seed of a synthetic task; none for a dataset without it.",
+        default=0,
+    )
     resume: bool = doc("Resume from the newest complete checkpoint in output_dir.", default=True)
     sft_warmup_steps: int = doc(
         "Supervised steps before GRPO that teach the <think>/<answer> format (0 disables).", default=0
@@ -339,6 +351,8 @@ class TrainerConfig:
             raise ConfigError(f"{prefix}.micro_batch_tokens", self.micro_batch_tokens, "an integer >= 1")
         if self.save_interval < 0:
             raise ConfigError(f"{prefix}.save_interval", self.save_interval, "an integer >= 0")
+        if self.eval_interval < 0:
+            raise ConfigError(f"{prefix}.eval_interval", self.eval_interval, "an integer >= 0")
 
 
 @dataclass(kw_only=True)
@@ -348,6 +362,12 @@ class LoggingConfig:
     plots: bool = doc("Write PNG plots of metrics to output_dir.", default=True)
     jsonl: bool = doc("Append metrics to output_dir/metrics.jsonl.", default=True)
     tensorboard: bool = doc("Write TensorBoard event files to output_dir/tensorboard.", default=True)
+    wandb_project: str | None = doc(
+        "Also log to Weights & Biases under this project (needs `pip install wandb`; WANDB_MODE, "
+        "WANDB_ENTITY and the API key come from the environment). The run is named after "
+        "output_dir and a resumed run continues the same W&B run. None: off.",
+        default=None,
+    )
 
     def validate(self, prefix: str) -> None:
         if self.log_interval < 1:

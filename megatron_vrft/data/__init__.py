@@ -2,8 +2,11 @@
 
 Flow: a reader (or a synthetic builder) -> :class:`RecordSet` of :class:`VisualRecord` ->
 :func:`preprocess_record` with a :func:`build_qwen2vl_processor` processor ->
-:class:`PreprocessedExample` -> :func:`collate_examples` -> :class:`VisionLanguageBatch`;
-:func:`to_reward_ground_truth` gives the rewards package its ground-truth dicts.
+:class:`PreprocessedExample` -> :func:`collate_examples` -> :class:`VisionLanguageBatch`.
+Ground truth is :class:`GroundTruth` (from :mod:`megatron_vrft.rewards.types`, re-exported): readers
+build it in the annotation's space, preprocessing maps it into the model's box space, and the
+rewards and the evaluation read the example's ``ground_truth`` as it is
+(:func:`ground_truth_in_model_space` maps a record's without preprocessing).
 """
 
 from .boxes import (
@@ -23,12 +26,11 @@ from .processing import (
     build_image_processor,
     build_qwen2vl_processor,
     compute_resized_size,
-    map_ground_truth,
+    ground_truth_in_model_space,
     preprocess_record,
     preprocess_records,
     render_prompt,
     resized_size_from_grid,
-    to_reward_ground_truth,
 )
 from .prompts import (
     NO_OBJECTS,
@@ -111,9 +113,9 @@ __all__ = [
     "collate_examples",
     "compute_resized_size",
     "convert_boxes",
+    "ground_truth_in_model_space",
     "load_image",
     "load_tokenizer",
-    "map_ground_truth",
     "preprocess_record",
     "preprocess_records",
     "read_coco_detection",
@@ -125,7 +127,6 @@ __all__ = [
     "resized_size_from_grid",
     "sample_k_shot",
     "space_extent",
-    "to_reward_ground_truth",
     "xywh_to_xyxy",
 ]
 

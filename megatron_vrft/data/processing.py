@@ -8,7 +8,10 @@
 - :func:`preprocess_record`: record -> :class:`PreprocessedExample` (``input_ids``,
   ``attention_mask``, ``mm_token_type_ids``, ``pixel_values``, ``image_grid_thw``) plus the ground
   truth mapped into the model's box space using the processor's resized size
-  (``image_grid_thw[1:] * patch_size``, identical to ``smart_resize``).
+  (``image_grid_thw[1:] * patch_size``, identical to ``smart_resize``): the same
+  :class:`~megatron_vrft.rewards.types.GroundTruth`, which the rewards read directly.
+- :func:`ground_truth_in_model_space`: a record's ground truth in the model's box space without
+  preprocessing its image.
 """
 
 from __future__ import annotations
@@ -17,11 +20,10 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
-from .boxes import MODEL_COORD_SPACES, CoordSpace, convert_boxes, space_extent
+from .boxes import MODEL_COORD_SPACES, CoordSpace, space_extent
 from .errors import (
     CORRUPT_IMAGE,
     DataError,
@@ -169,37 +171,14 @@ class PreprocessedExample:
     image_grid_thw: torch.Tensor
     """``(I, 3)`` int64 ``(t, h, w)`` patch grid per image."""
     ground_truth: GroundTruth
-    """Ground truth in the model's box space ``box_space`` (classification: unchanged)."""
+    """Ground truth in the model's box space ``box_space`` with ``image_size`` and ``resized_size``
+    set: what the rewards and the evaluation read (classification: only the sizes added)."""
     image_size: tuple[int, int]
     """Original ``(W, H)`` of the first image."""
     resized_size: tuple[int, int]
     """``(W', H')`` of the first image as the model saw it."""
     images: list[Image.Image] = field(default_factory=list, repr=False)
     """The decoded RGB images (what a rollout engine with its own processor needs)."""
-
-
-def map_ground_truth(
-    gt: GroundTruth,
-    dst: CoordSpace,
-    *,
-    image_size: Sequence[int] | None,
-    resized_size: Sequence[int] | None,
-) -> GroundTruth:
-    """``gt`` with ``boxes`` / ``box`` converted into ``dst`` (float64, no rounding)."""
-    if gt.boxes is None and gt.box is None and gt.crowd_boxes is None:
-        return GroundTruth(coord_space=dst, label=gt.label, synonyms=gt.synonyms)
-    kw = dict(image_size=image_size, resized_size=resized_size)
-    convert = lambda b: None if b is None else convert_boxes(b, gt.coord_space, dst, **kw)  # noqa: E731
-    return GroundTruth(
-        coord_space=dst,
-        label=gt.label,
-        synonyms=gt.synonyms,
-        boxes=convert(gt.boxes),
-        categories=gt.categories,
-        box=convert(gt.box),
-        crowd_boxes=convert(gt.crowd_boxes),
-        crowd_categories=gt.crowd_categories,
-    )
 
 
 def preprocess_record(
@@ -260,7 +239,7 @@ def preprocess_record(
             name=record.source_id,
             skips=skips,
         )
-    gt = map_ground_truth(gt, box_space, image_size=image_size, resized_size=resized_size)
+    gt = gt.in_space(box_space, image_size=image_size, resized_size=resized_size)
     return PreprocessedExample(
         source_id=record.source_id,
         task=record.task,
@@ -321,46 +300,14 @@ def preprocess_records(
     return out, skips
 
 
-def to_reward_ground_truth(
-    item: VisualRecord | PreprocessedExample,
-    *,
-    box_space: CoordSpace | None = None,
-    resized_size: Sequence[int] | None = None,
-) -> dict:
-    """The ground truth as the dict :mod:`megatron_vrft.rewards` accepts
-    (``rewards.types.as_ground_truth``): keys ``label``, ``synonyms``, ``boxes`` (``(K, 4)``
-    float64 numpy), ``categories`` (``K`` names or None), ``box`` (``(4,)`` or None),
-    ``box_space``, ``image_size``, ``resized_size``.
-
-    A :class:`PreprocessedExample` already holds model-space boxes and both sizes. For a
-    :class:`VisualRecord`, boxes stay in the record's space unless ``box_space`` is given;
-    ``"norm_1"`` boxes (not a rewards space) go to ``"norm_1000"``; ``resized_size`` is needed for
-    ``"pixels_resized"``.
-    """
-    if isinstance(item, PreprocessedExample):
-        gt, image_size, resized = item.ground_truth, item.image_size, item.resized_size
-        if box_space is not None and box_space != gt.coord_space:
-            gt = map_ground_truth(gt, box_space, image_size=image_size, resized_size=resized)
-    elif isinstance(item, VisualRecord):
-        gt, image_size = item.ground_truth, item.image_size
-        resized = tuple(resized_size) if resized_size is not None else None
-        dst = box_space or ("norm_1000" if gt.coord_space == "norm_1" else gt.coord_space)
-        if dst not in MODEL_COORD_SPACES:
-            raise ValueError(f"box_space must be one of {MODEL_COORD_SPACES}, got {dst!r}")
-        if dst != gt.coord_space:
-            gt = map_ground_truth(gt, dst, image_size=image_size, resized_size=resized)
-    else:
-        raise TypeError(f"expected VisualRecord or PreprocessedExample, got {type(item).__name__}")
-    has_boxes = gt.boxes is not None or gt.box is not None
-    return {
-        "label": gt.label,
-        "synonyms": tuple(gt.synonyms),
-        "boxes": None
-        if gt.boxes is None
-        else np.asarray(gt.boxes, dtype=np.float64).reshape(-1, 4),
-        "categories": tuple(gt.categories) if gt.boxes is not None else None,
-        "box": None if gt.box is None else np.asarray(gt.box, dtype=np.float64).reshape(4),
-        "box_space": gt.coord_space if has_boxes else None,
-        "image_size": None if image_size is None else tuple(int(v) for v in image_size),
-        "resized_size": None if resized is None else tuple(int(v) for v in resized),
-    }
+def ground_truth_in_model_space(
+    record: VisualRecord, box_space: CoordSpace, *, resized_size: Sequence[int] | None = None
+) -> GroundTruth:
+    """``record``'s ground truth mapped into the model's ``box_space`` without preprocessing the
+    image (e.g. to evaluate saved answers): what :func:`preprocess_record` puts on its example,
+    minus the box checks. Needs ``record.image_size`` for ``"pixels_original"`` boxes and
+    ``resized_size`` (:func:`compute_resized_size`) for ``"pixels_resized"``; both are stored on
+    the result."""
+    if box_space not in MODEL_COORD_SPACES:
+        raise ValueError(f"box_space must be one of {MODEL_COORD_SPACES}, got {box_space!r}")
+    return record.ground_truth.in_space(box_space, resized_size=resized_size)

@@ -1,4 +1,7 @@
-"""One training / evaluation example (:class:`VisualRecord`), its ground truth, and image loading.
+"""One training / evaluation example (:class:`VisualRecord`), checks of its boxes, and image loading.
+
+The ground truth is :class:`megatron_vrft.rewards.types.GroundTruth` (re-exported here), the one
+type the data layer, the rewards and the evaluation share.
 
 Images stay lazy: a record holds a path, encoded bytes or a PIL image and :func:`load_image`
 decodes on use, raising :class:`~megatron_vrft.data.errors.DataError` that names the file for a
@@ -17,9 +20,9 @@ from typing import Any, Literal, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from megatron_vrft.rewards.types import GroundTruth
+
 from .boxes import (
-    COORD_SPACES,
-    CoordSpace,
     boxes_out_of_bounds,
     clip_boxes,
     degenerate_boxes,
@@ -130,55 +133,6 @@ def read_image_size(source: ImageSource) -> tuple[int, int]:
 
 
 @dataclass(kw_only=True)
-class GroundTruth:
-    """What a reward compares an answer against. Fields unused by the task stay at defaults."""
-
-    coord_space: CoordSpace = "pixels_original"
-    """Space of ``boxes`` and ``box`` (see :mod:`megatron_vrft.data.boxes`)."""
-    label: str | None = None
-    """Classification: the class name."""
-    synonyms: tuple[str, ...] = ()
-    """Classification: other accepted names for ``label``."""
-    boxes: np.ndarray | None = None
-    """Detection: ``(K, 4)`` float64 ``x1, y1, x2, y2``; ``K = 0`` means no object of the asked
-    categories is present."""
-    categories: tuple[str, ...] = ()
-    """Detection: the category name of each box, length ``K``."""
-    box: np.ndarray | None = None
-    """Grounding: ``(4,)`` float64, the one referred box."""
-    crowd_boxes: np.ndarray | None = None
-    """Detection, evaluation only: ``(C, 4)`` float64 crowd regions (COCO ``iscrowd=1``) in
-    ``coord_space``, kept apart from ``boxes`` so rewards never see them; evaluation ignores
-    detections on them. ``None``: the source has no crowd information."""
-    crowd_categories: tuple[str, ...] = ()
-    """The category name of each crowd region, length ``C``."""
-
-    def __post_init__(self) -> None:
-        if self.coord_space not in COORD_SPACES:
-            raise ValueError(f"unknown coord_space {self.coord_space!r}; expected {COORD_SPACES}")
-        self.synonyms = tuple(self.synonyms)
-        self.categories = tuple(self.categories)
-        if self.boxes is not None:
-            self.boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
-            if len(self.categories) != len(self.boxes):
-                raise ValueError(
-                    f"detection ground truth has {len(self.boxes)} boxes but "
-                    f"{len(self.categories)} category names"
-                )
-        if self.box is not None:
-            self.box = np.asarray(self.box, dtype=np.float64).reshape(4)
-        self.crowd_categories = tuple(self.crowd_categories)
-        if self.crowd_boxes is not None:
-            self.crowd_boxes = np.asarray(self.crowd_boxes, dtype=np.float64).reshape(-1, 4)
-        num_crowd = 0 if self.crowd_boxes is None else len(self.crowd_boxes)
-        if len(self.crowd_categories) != num_crowd:
-            raise ValueError(
-                f"detection ground truth has {num_crowd} crowd boxes but "
-                f"{len(self.crowd_categories)} crowd category names"
-            )
-
-
-@dataclass(kw_only=True)
 class VisualRecord:
     """One example: image(s), the prompt, the ground truth and where it came from."""
 
@@ -192,10 +146,11 @@ class VisualRecord:
     problem: str
     """User prompt text shown to the model (no image placeholder; the chat template adds it)."""
     ground_truth: GroundTruth
-    """Ground truth in ``ground_truth.coord_space``."""
+    """Ground truth in ``ground_truth.coord_space`` (the annotation's space); its ``image_size`` is
+    this record's (filled in from ``image_size`` when missing)."""
     image_size: tuple[int, int] | None = None
     """Original ``(W, H)`` of ``images[0]``; needed to map ``"pixels_original"`` boxes. Read from the image
-    header when a reader can; ``None`` if unknown."""
+    header when a reader can; ``None`` if unknown (taken from ``ground_truth.image_size`` if that has one)."""
     query: str | None = None
     """The task-specific query: the referring expression (grounding) or the comma-joined asked
     categories (detection); None for classification."""
@@ -214,6 +169,22 @@ class VisualRecord:
             raise ValueError(f"{self.source_id}: detection record without boxes (use shape (0, 4))")
         if self.task == "grounding" and gt.box is None:
             raise ValueError(f"{self.source_id}: grounding record without a box")
+        # One image size: the record's and its ground truth's agree. The ground truth's errors
+        # name this record.
+        if self.image_size is None and gt.image_size is not None:
+            self.image_size = (int(gt.image_size[0]), int(gt.image_size[1]))
+        fill: dict[str, Any] = {}
+        if self.image_size is not None:
+            self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
+            if gt.image_size is None:
+                fill["image_size"] = self.image_size
+            elif tuple(gt.image_size) != self.image_size:
+                raise ValueError(f"{self.source_id}: image_size {self.image_size} but the ground truth's is "
+                                 f"{tuple(int(v) for v in gt.image_size)}")
+        if gt.name == "ground_truth":
+            fill["name"] = self.source_id
+        if fill:
+            self.ground_truth = dataclasses.replace(gt, **fill)
 
 
 def sanitize_boxes(
@@ -257,6 +228,60 @@ def sanitize_boxes(
     return boxes, keep
 
 
+def check_detection_boxes(
+    boxes,
+    categories: Sequence[str] | None,
+    *,
+    width: float,
+    height: float,
+    out_of_bounds: OutOfBounds,
+    on_error: OnError,
+    name: str,
+    skips: SkipCounts,
+) -> tuple[np.ndarray, tuple[str, ...] | None]:
+    """Raw ``(K, 4)`` detection boxes (and their ``K`` category names, or None) checked against
+    ``[0, width] x [0, height]`` (the bounds of their space), ready for a :class:`GroundTruth`.
+
+    Outside boxes are clipped and counted (``out_of_bounds="clip"``) or raise; degenerate boxes
+    (zero area, inverted or non-finite) are dropped and counted (``on_error="skip"``) or raise
+    ``DataError`` (reason ``degenerate_box``). Returns ``(boxes (K', 4), categories)``.
+    """
+    boxes, keep = sanitize_boxes(
+        boxes, width=width, height=height, out_of_bounds=out_of_bounds, name=name, skips=skips
+    )
+    if not keep.all():
+        bad = boxes[np.argmin(keep)].tolist()
+        message = f"{int((~keep).sum())} degenerate box(es) (zero area or non-finite), first {bad}"
+        if on_error == "raise":
+            raise DataError(f"{name}: {message}", DEGENERATE_BOX)
+        for _ in range(int((~keep).sum())):
+            skips.add(DEGENERATE_BOX, name, message + "; box dropped")
+    if categories is not None:
+        categories = tuple(c for c, k in zip(categories, keep) if k)
+    return boxes[keep], categories
+
+
+def check_grounding_box(
+    box,
+    *,
+    width: float,
+    height: float,
+    out_of_bounds: OutOfBounds,
+    name: str,
+    skips: SkipCounts,
+) -> np.ndarray:
+    """A raw ``(4,)`` grounding box checked like :func:`check_detection_boxes`, except that a
+    degenerate box always fails the record (``DataError``, reason ``degenerate_box``; a reader in
+    skip mode counts the record)."""
+    boxes, keep = sanitize_boxes(
+        np.asarray(box, dtype=np.float64).reshape(1, 4), width=width, height=height,
+        out_of_bounds=out_of_bounds, name=name, skips=skips,
+    )  # fmt: skip
+    if not keep[0]:
+        raise DataError(f"{name}: degenerate grounding box {boxes[0].tolist()}", DEGENERATE_BOX)
+    return boxes[0]
+
+
 def check_ground_truth_boxes(
     gt: GroundTruth,
     *,
@@ -267,46 +292,17 @@ def check_ground_truth_boxes(
     name: str,
     skips: SkipCounts,
 ) -> GroundTruth:
-    """Validate ``gt``'s boxes against ``[0, width] x [0, height]`` (the bounds of its space).
-
-    Detection: degenerate boxes are dropped and counted (``on_error="skip"``) or raise.
-    Grounding: a degenerate box always fails the record (raises ``DataError``; a reader in skip
-    mode counts the record). Crowd regions are passed through unchecked. Returns a new
-    :class:`GroundTruth`.
-    """
+    """``gt`` with :func:`check_detection_boxes` / :func:`check_grounding_box` applied to its
+    ``boxes`` / ``box`` (crowd regions pass unchecked). Returns a new :class:`GroundTruth`."""
+    checked: dict[str, Any] = {}
+    kw = dict(width=width, height=height, out_of_bounds=out_of_bounds, name=name, skips=skips)
     if gt.boxes is not None:
-        boxes, keep = sanitize_boxes(
-            gt.boxes,
-            width=width,
-            height=height,
-            out_of_bounds=out_of_bounds,
-            name=name,
-            skips=skips,
+        checked["boxes"], checked["categories"] = check_detection_boxes(
+            gt.boxes, gt.categories, on_error=on_error, **kw
         )
-        if not keep.all():
-            bad = boxes[np.argmin(keep)].tolist()
-            message = (
-                f"{int((~keep).sum())} degenerate box(es) (zero area or non-finite), first {bad}"
-            )
-            if on_error == "raise":
-                raise DataError(f"{name}: {message}", DEGENERATE_BOX)
-            for _ in range(int((~keep).sum())):
-                skips.add(DEGENERATE_BOX, name, message + "; box dropped")
-        categories = tuple(c for c, k in zip(gt.categories, keep) if k)
-        gt = dataclasses.replace(gt, boxes=boxes[keep], categories=categories)
     if gt.box is not None:
-        boxes, keep = sanitize_boxes(
-            gt.box[None],
-            width=width,
-            height=height,
-            out_of_bounds=out_of_bounds,
-            name=name,
-            skips=skips,
-        )
-        if not keep[0]:
-            raise DataError(f"{name}: degenerate grounding box {boxes[0].tolist()}", DEGENERATE_BOX)
-        gt = dataclasses.replace(gt, box=boxes[0])
-    return gt
+        checked["box"] = check_grounding_box(gt.box, **kw)
+    return dataclasses.replace(gt, **checked) if checked else gt
 
 
 def check_images(record: VisualRecord, *, decode: bool) -> tuple[int, int]:

@@ -6,7 +6,8 @@ categories verified present (``pos_category_ids``, implied by its annotations) a
 (it can be neither a true nor a false positive). We apply that filter before COCOeval.
 LVIS's ``not_exhaustive_category_ids`` (unmatched detections of such categories are ignored) needs
 matching information COCOeval does not expose, so it is not applied: results for LVIS are then a
-slight under-estimate on not-exhaustive categories, and the returned dict says so.
+slight under-estimate on not-exhaustive categories, and the returned dict says so. The official LVIS
+numbers (with that rule, and APr / APc / APf) come from :mod:`megatron_vrft.eval.lvis_map`.
 
 Category names are compared after :func:`megatron_vrft.rewards.classification.normalize_label`, the
 normalisation the detection rewards use (``match_categories``): a prediction labelled ``"Cat"``

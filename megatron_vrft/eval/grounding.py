@@ -3,7 +3,11 @@
 - ``mIoU`` (LISA's gIoU): mean over samples of per-sample IoU.
 - ``cIoU``: cumulative intersection / cumulative union over the whole set (large objects weigh more).
 - ``Acc@t``: fraction of samples with IoU > t.
-A sample without a parsable prediction has IoU 0 and adds its ground-truth area to the union.
+- ``mGIoU``: mean generalized IoU (Rezatofighi et al. 2019, in [-1, 1]; not LISA's "gIoU", which
+  is ``mIoU`` above): unlike IoU it still ranks predictions that miss the object by how far off
+  they are, the signal the GIoU grounding reward trains on.
+A sample without a parsable prediction has IoU 0, GIoU -1 (the worst value of each) and adds its
+ground-truth area to the union.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ def compute_grounding_metrics(
     gt = gt_boxes.double()
     valid = torch.ones(n, dtype=torch.bool) if pred_valid is None else pred_valid.bool()
     iou = torch.where(valid, box_iou_elementwise(pred, gt, "iou", impl="torch"), 0.0)
+    giou = torch.where(valid, box_iou_elementwise(pred, gt, "giou", impl="torch"), -1.0)
     wh = (torch.minimum(pred[:, 2:], gt[:, 2:]) - torch.maximum(pred[:, :2], gt[:, :2])).clamp(min=0)
     inter = torch.where(valid, wh[:, 0] * wh[:, 1], 0.0)
     area = lambda b: (b[:, 2:] - b[:, :2]).clamp(min=0).prod(dim=1)  # noqa: E731
     union = torch.where(valid, area(pred) + area(gt) - inter, area(gt))
     out = {
         "mIoU": float(iou.mean()),
+        "mGIoU": float(giou.mean()),
         "cIoU": float(inter.sum() / union.sum().clamp(min=1e-12)),
         "num_samples": float(n),
         "num_unparsed": float((~valid).sum()),

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from megatron_vrft.rewards.coords import convert_boxes
 from megatron_vrft.rewards.parsing import extract_answer, parse_boxes, parse_single_box
+from megatron_vrft.rewards.types import GroundTruth, as_ground_truths
 
 
 def _predicted_boxes(completion: str, task: str) -> np.ndarray:
@@ -31,25 +31,24 @@ def _predicted_boxes(completion: str, task: str) -> np.ndarray:
     return np.zeros((0, 4))
 
 
-def _to_pixels(boxes: np.ndarray, gt: Mapping[str, Any]) -> np.ndarray:
-    space = gt.get("box_space")
+def _to_pixels(boxes: np.ndarray, gt: GroundTruth) -> np.ndarray:
+    space = gt.coord_space
     if not len(boxes) or space is None or space == "pixels_original":
         return boxes
-    out = convert_boxes(torch.as_tensor(boxes), space, "pixels_original", image_size=gt.get("image_size"),
-                        resized_size=gt.get("resized_size"))
-    return out.numpy()
+    return convert_boxes(boxes, space, "pixels_original", image_size=gt.image_size, resized_size=gt.resized_size)
 
 
 def draw_prediction_grid(
     path: str | Path,
     images: Sequence[Any],
     completions: Sequence[str],
-    ground_truths: Sequence[Mapping[str, Any]],
+    ground_truths: Sequence[GroundTruth | Mapping[str, Any]],
     *,
     task: str,
     columns: int = 4,
 ) -> Path:
     """Write a grid of ``images`` (PIL) with ground truth (green) and predictions (red)."""
+    ground_truths = as_ground_truths(ground_truths, len(completions))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,16 +63,16 @@ def draw_prediction_grid(
     for ax, image, text, gt in zip(axes.flat, images, completions, ground_truths):
         ax.imshow(image)
         gt_boxes = []
-        if gt.get("boxes") is not None:
-            gt_boxes = _to_pixels(np.asarray(gt["boxes"], dtype=np.float64).reshape(-1, 4), gt)
-        elif gt.get("box") is not None:
-            gt_boxes = _to_pixels(np.asarray(gt["box"], dtype=np.float64).reshape(1, 4), gt)
+        if gt.boxes is not None:
+            gt_boxes = _to_pixels(gt.boxes, gt)
+        elif gt.box is not None:
+            gt_boxes = _to_pixels(gt.box[None], gt)
         for boxes, colour in ((gt_boxes, "lime"), (_to_pixels(_predicted_boxes(text, task), gt), "red")):
             for x1, y1, x2, y2 in boxes:
                 ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2))
         answer, _ = extract_answer(text)
         shown = (answer if answer is not None else text).replace("\n", " ")
-        truth = gt.get("label") or ""
+        truth = gt.label or ""
         ax.set_title(f"pred: {shown[:40]}\n" + (f"truth: {truth}" if truth else ""), fontsize=8,
                      color="black" if answer is not None else "firebrick")
     if task != "classification":

@@ -44,39 +44,27 @@ from tqdm import tqdm
 
 from megatron_vrft.models.conversion_hf import (  # noqa: F401  (re-exported: the conversion API)
     HfCheckpointReader,
-    atomic_dir,
     check_hf_names,
     write_hf_checkpoint,
 )
 from megatron_vrft.distributed.cpu_compat import apply_cpu_compat_patches
+from megatron_vrft.storage import atomic_dir
 from megatron_vrft.models.qwen2_vl.arch import Qwen2VLArch
 from megatron_vrft.models.qwen2_vl.state_dict_adapter import (
     LM,
     VISION,
+    ParamMapping,
     as_arch,
+    find_megatron_mapping,
     hf_param_names,
     hf_tensor_from_megatron,
     hf_to_megatron_shard,
+    iter_megatron_shard,
 )
 
 CHECKPOINT_META_FILE = "megatron_vrft_checkpoint.json"
 FORMAT_VERSION = 1
 _LAYERS = LM + "decoder.layers."
-# Local-spec norm names -> the names mcore uses for them in distributed checkpoints (TE names).
-_CKPT_NORM_NAMES = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-}
-# Tensor-parallel split axis of each tensor (without the layer axis); "swiglu": [gate ; up] rows.
-_TP_AXIS: dict[str, int | str] = {
-    "self_attention.linear_qkv.weight": 0,
-    "self_attention.linear_qkv.bias": 0,
-    "self_attention.linear_proj.weight": 1,
-    "mlp.linear_fc1.weight": "swiglu",
-    "mlp.linear_fc2.weight": 1,
-    LM + "embedding.word_embeddings.weight": 0,
-    LM + "output_layer.weight": 0,
-}
 # Linear layers whose (empty) ``_extra_state`` mcore's sharded_state_dict lists per decoder layer.
 _EXTRA_STATE_MODULES = (
     "self_attention.linear_qkv",
@@ -90,12 +78,18 @@ _EXTRA_STATE_MODULES = (
 # Megatron side: writing
 
 
+def _mapping(name: str) -> tuple[ParamMapping, dict[str, str]]:
+    found = find_megatron_mapping(name)
+    if found is None:
+        raise KeyError(f"{name!r} is not a Megatron parameter of the name table")
+    return found
+
+
 def megatron_checkpoint_key(name: str) -> tuple[str, int | None]:
     """Full module name (global layer index) -> (dist-checkpoint key, layer index or None)."""
-    if name.startswith(_LAYERS):
-        layer, suffix = name[len(_LAYERS) :].split(".", 1)
-        return _LAYERS + _CKPT_NORM_NAMES.get(suffix, suffix), int(layer)
-    return name, None
+    row, fields = _mapping(name)
+    layer = fields.pop("layer", None)
+    return row.checkpoint_key.format(**fields), None if layer is None else int(layer)
 
 
 def _tp_chunks(
@@ -105,11 +99,11 @@ def _tp_chunks(
 
     The offset ``(axis without the layer axis, fragment index, fragments)`` is None for replicated
     tensors."""
-    _, layer = megatron_checkpoint_key(name)
-    axis = _TP_AXIS.get(name[len(_LAYERS) :].split(".", 1)[1] if layer is not None else name)
-    if axis is None or (tp_size == 1 and axis != "swiglu"):
+    row, _ = _mapping(name)
+    axis = row.tp_axis
+    if axis is None or (tp_size == 1 and row.fusion != "gate_up"):
         return [(tensor, None)]
-    if axis == "swiglu":  # same layout as mcore's apply_swiglu_sharded_factory
+    if row.fusion == "gate_up":  # same layout as mcore's apply_swiglu_sharded_factory
         gate, up = torch.chunk(tensor, 2, dim=0)
         return [
             *((c, (0, r, 2 * tp_size)) for r, c in enumerate(torch.chunk(gate, tp_size, dim=0))),
@@ -172,12 +166,14 @@ def save_megatron_checkpoint(
         for layer in tqdm(range(num_layers), desc="HF -> Megatron", unit="layer", disable=not progress):
             # The one-layer "pipeline stage" `layer` of a num_layers-stage split is exactly this
             # layer (plus vision/embedding on the first, final norm/output on the last), unsharded.
-            part = hf_to_megatron_shard(
-                get_hf_tensor, a, tp_rank=0, tp_size=1, pp_rank=layer, pp_size=num_layers, vocab_padded_size=vp
-            )
-            part = {_globalize(k, layer): v for k, v in part.items()}
-            if a.tie_word_embeddings:
-                part.pop(LM + "output_layer.weight", None)
+            # Global names; a tied output layer's copy of the embedding is not stored (no HF tensor).
+            part = {
+                b.global_megatron: t
+                for b, t in iter_megatron_shard(
+                    get_hf_tensor, a, tp_rank=0, tp_size=1, pp_rank=layer, pp_size=num_layers, vocab_padded_size=vp
+                )
+                if b.hf
+            }
             # Each chunk becomes its own contiguous storage: the writer would otherwise copy views,
             # all at once. The original tensor is dropped as soon as it is cut.
             staged, offsets = {}, {}
@@ -216,13 +212,6 @@ def write_checkpoint_meta(
         "vocab_padded_size": vocab_padded_size or a.vocab_size,
     }
     (Path(ckpt_dir) / CHECKPOINT_META_FILE).write_text(json.dumps(meta, indent=2))
-
-
-def _globalize(name: str, layer: int) -> str:
-    """``…decoder.layers.0.X`` of a one-layer stage -> ``…decoder.layers.{layer}.X``."""
-    if name.startswith(_LAYERS):
-        return f"{_LAYERS}{layer}.{name[len(_LAYERS) :].split('.', 1)[1]}"
-    return name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,19 +408,24 @@ def _process_group() -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def build_policy_sharded_state_dict(policy: Any, *, tp_rank: int, dp_rank: int) -> dict[str, Any]:
+def build_policy_sharded_state_dict(policy: Any, *, tp_rank: int, dp_rank: int, prefix: str = "") -> dict[str, Any]:
     """The sharded state dict of a ``Qwen2VLPolicy`` stage in this checkpoint format.
 
     ``language_model`` uses megatron-core's own ``sharded_state_dict``; the vision tower (stage 0
     only, replicated over TP and DP) is stored once, by the ``tp_rank == dp_rank == 0`` replica.
-    Use with ``megatron.core.dist_checkpointing.save`` / ``load`` to save or resume training in the
-    format the converter reads and writes.
+    Parameters are kept as they are (not detached) so a megatron-core optimizer's
+    ``sharded_state_dict`` finds them. ``prefix`` goes into the checkpoint keys only (a second model
+    in the same checkpoint, e.g. the trainer's reference); the dict keys stay the policy's own
+    ``state_dict`` names, so ``policy.load_state_dict`` takes what ``dist_checkpointing.load``
+    returns. Use with ``megatron.core.dist_checkpointing.save`` / ``load`` to save or resume
+    training in the format the converter reads and writes.
     """
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    sharded = policy.language_model.sharded_state_dict(prefix=LM)
+    lm = policy.language_model.sharded_state_dict(prefix=prefix + LM)
+    sharded = {k[len(prefix):]: v for k, v in lm.items()}
     if getattr(policy, "vision", None) is not None:
-        for name, tensor in policy.vision.state_dict().items():
-            key = VISION + name
-            sharded[key] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=(0, tp_rank, dp_rank))
+        for name, tensor in policy.vision.state_dict(keep_vars=True).items():
+            sharded[VISION + name] = ShardedTensor.from_rank_offsets(
+                prefix + VISION + name, tensor, replica_id=(0, tp_rank, dp_rank))
     return sharded

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from safetensors import safe_open
 
 from megatron_vrft.models.qwen2_vl.arch import Qwen2VLArch
 from megatron_vrft.models.qwen2_vl.state_dict_adapter import as_arch, hf_hub_name, hf_param_names
+from megatron_vrft.storage import atomic_dir
 
 class HfCheckpointReader:
     """Lazy reader of an HF safetensors checkpoint (one file or a sharded index), by hub name."""
@@ -165,19 +164,3 @@ def write_hf_checkpoint(
     return Path(out_dir)
 
 
-@contextmanager
-def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it to ``out_dir`` only on success."""
-    out = Path(out_dir).resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)

@@ -106,9 +106,9 @@ def classification_accuracy_reward(
     if mode not in ("default", "visual_rft_compat"):
         raise ValueError(f"accuracy mode must be 'default' or 'visual_rft_compat', got {mode!r}")
     gts = as_ground_truths(ground_truths, len(completions))
-    for g in gts:
+    for i, g in enumerate(gts):
         if g.label is None or not normalize_label(g.label):
-            raise ValueError(f"ground_truths[{g.index}].label: accuracy needs a non-empty label")
+            raise ValueError(f"{g.where(i)}.label: accuracy needs a non-empty label")
     scores, reasons = [], []
     for text, gt in zip(completions, gts):
         answer, reason = extract_answer(text, max_chars=max_chars)

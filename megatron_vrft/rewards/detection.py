@@ -7,7 +7,7 @@ Pipeline per completion (both rewards share it):
 2. Duplicate boxes (identical coordinates) are dropped, keeping the highest confidence (ties: the
    first written). ``mode="visual_rft_compat"`` keeps the first written, as published.
 3. Predictions are sorted by confidence, descending (stable: ties keep written order), and
-   converted from ``pred_space`` into the ground truth's ``box_space``.
+   converted from ``pred_space`` into the ground truth's ``coord_space``.
 4. Matching at IoU > ``iou_threshold`` (0.5), each ground-truth box at most once:
    ``"greedy"`` (published): in confidence order each prediction takes the unmatched ground truth
    with the highest IoU (first on ties); ``"hungarian"``: the assignment maximising the total IoU
@@ -58,6 +58,7 @@ from megatron_vrft.rewards.types import (
     RewardOutput,
     as_ground_truths,
     build_reward_output,
+    check_model_space,
 )
 
 Matching = Literal["greedy", "hungarian"]
@@ -164,7 +165,7 @@ def compute_detection_scores(
     """IoU and confidence rewards for a batch; see the module docstring.
 
     ``pred_space``: coordinate space the prompt asked for (``None``: the ground truth's
-    ``box_space``). ``match_categories``: predictions must carry a label and only match ground
+    ``coord_space``). ``match_categories``: predictions must carry a label and only match ground
     truth of the same normalised category (needs ``categories`` in the ground truth).
     ``default_confidence``: used for entries without a confidence (``None``: such entries fail).
     """
@@ -177,16 +178,19 @@ def compute_detection_scores(
     if default_confidence is not None and not 0.0 <= default_confidence <= 1.0:
         raise ValueError(f"default_confidence must be in [0, 1], got {default_confidence}")
     gts = as_ground_truths(ground_truths, len(completions))
-    for g in gts:
+    for i, g in enumerate(gts):
         if g.boxes is None:
-            raise ValueError(f"ground_truths[{g.index}].boxes: detection rewards need boxes (K, 4)")
+            raise ValueError(f"{g.where(i)}.boxes: detection rewards need boxes (K, 4)")
         if match_categories and g.categories is None:
-            raise ValueError(f"ground_truths[{g.index}].categories: needed by match_categories=True")
+            raise ValueError(f"{g.where(i)}.categories: needed by match_categories=True")
+        check_model_space(g, i)
         # Fail on missing image sizes now, not only when some completion happens to parse.
         convert_boxes(
-            torch.zeros(0, 4, dtype=torch.float64), pred_space or g.box_space, g.box_space,
+            np.zeros((0, 4)), pred_space or g.coord_space, g.coord_space,
             image_size=g.image_size, resized_size=g.resized_size,
         )
+    # Only ``boxes`` are matched: crowd regions (``crowd_boxes``, evaluation only) never are.
+    gt_boxes = [torch.from_numpy(g.boxes) for g in gts]  # (K_b, 4) float64, CPU
     compat = mode == "visual_rft_compat"
     match_fn = match_greedy if matching == "greedy" else match_hungarian
 
@@ -204,7 +208,7 @@ def compute_detection_scores(
             preds = sorted(preds, key=lambda p: -p.confidence)  # stable
             boxes = torch.tensor([p.box for p in preds], dtype=torch.float64).reshape(-1, 4)
             boxes = convert_boxes(
-                boxes, pred_space or gt.box_space, gt.box_space,
+                boxes, pred_space or gt.coord_space, gt.coord_space,
                 image_size=gt.image_size, resized_size=gt.resized_size,
             )
         else:
@@ -216,16 +220,16 @@ def compute_detection_scores(
     # One padded pairwise call for the whole batch: (B, P_max, G_max).
     b = len(gts)
     p_max = max([x.shape[0] for x in pred_boxes], default=0)
-    g_max = max([g.boxes.shape[0] for g in gts], default=0)
+    g_max = max([g.shape[0] for g in gt_boxes], default=0)
     ious = None
     if b and p_max and g_max:
         pb = torch.zeros(b, p_max, 4, dtype=torch.float64)
         gb = torch.zeros(b, g_max, 4, dtype=torch.float64)
         pv = torch.zeros(b, p_max, dtype=torch.bool)
         gv = torch.zeros(b, g_max, dtype=torch.bool)
-        for i, (x, g) in enumerate(zip(pred_boxes, gts)):
+        for i, (x, g) in enumerate(zip(pred_boxes, gt_boxes)):
             pb[i, : x.shape[0]], pv[i, : x.shape[0]] = x, True
-            gb[i, : g.boxes.shape[0]], gv[i, : g.boxes.shape[0]] = g.boxes, True
+            gb[i, : g.shape[0]], gv[i, : g.shape[0]] = g, True
         ious = box_iou(pb, gb, mode="iou", valid1=pv, valid2=gv)
 
     iou_scores, conf_scores, matches = [], [], []

@@ -3,7 +3,7 @@
 The answer must hold exactly one box: any form ``parsing.parse_boxes`` accepts (a bare
 ``[x1, y1, x2, y2]``, ``{"bbox_2d": [...]}``, a one-element Visual-RFT list) or Qwen2-VL's
 ``(x1,y1),(x2,y2)``. The box is converted from ``pred_space`` into the ground truth's
-``box_space`` (see ``coords``) before scoring. Registered rewards:
+``coord_space`` (see ``coords``) before scoring. Registered rewards:
 
 =========================  ===============  ===============  =================================
 name                       range            failure score    value
@@ -33,6 +33,7 @@ from megatron_vrft.rewards.types import (
     RewardOutput,
     as_ground_truths,
     build_reward_output,
+    check_model_space,
 )
 
 GroundingMetric = Literal["iou", "giou", "giou_shifted"]
@@ -64,14 +65,15 @@ def compute_grounding_scores(
 ) -> GroundingScores:
     """IoU / GIoU / GIoU+1 of the single predicted box vs ``ground_truth.box``, for a batch.
 
-    ``pred_space``: space the prompt asked for (``None``: the ground truth's ``box_space``).
+    ``pred_space``: space the prompt asked for (``None``: the ground truth's ``coord_space``).
     """
     gts = as_ground_truths(ground_truths, len(completions))
-    for g in gts:
+    for i, g in enumerate(gts):
         if g.box is None:
-            raise ValueError(f"ground_truths[{g.index}].box: grounding rewards need one box (4,)")
+            raise ValueError(f"{g.where(i)}.box: grounding rewards need one box (4,)")
+        check_model_space(g, i)
         convert_boxes(  # fail on missing image sizes now, whatever the completions are
-            g.box, pred_space or g.box_space, g.box_space,
+            g.box, pred_space or g.coord_space, g.coord_space,
             image_size=g.image_size, resized_size=g.resized_size,
         )
     b = len(gts)
@@ -85,10 +87,10 @@ def compute_grounding_scores(
         if reason is None:
             box, reason = parse_single_box(answer)
         reasons.append(None if reason is None else reason.value)
-        truth[i] = gt.box
+        truth[i] = torch.from_numpy(gt.box)
         if box is not None:
             pred[i] = convert_boxes(
-                torch.tensor(box, dtype=torch.float64), pred_space or gt.box_space, gt.box_space,
+                torch.tensor(box, dtype=torch.float64), pred_space or gt.coord_space, gt.coord_space,
                 image_size=gt.image_size, resized_size=gt.resized_size,
             )
             ok[i] = True

@@ -1,38 +1,50 @@
 """Typed inputs and outputs shared by every reward: ground truth, parse failures, reward output.
 
-Rewards never raise on a bad *completion* (model output): it scores the reward's failure score and
-one failure reason is counted. A bad *ground truth* is a data bug and raises ``ValueError`` naming
-the record index and field.
+:class:`GroundTruth` is the project's one ground-truth type: the data layer builds it (in the
+annotation's space), preprocessing maps it into the model's box space (:meth:`GroundTruth.in_space`),
+the rewards and the evaluation read it. Rewards never raise on a bad *completion* (model output): it
+scores the reward's failure score and one failure reason is counted. A bad *ground truth* is a data
+bug and raises ``ValueError`` naming the record (``GroundTruth.name``: its source id, or
+``ground_truths[i]`` for one built from a plain dict) and the field.
 
-Ground-truth fields a reward reads (a ``GroundTruth`` or a plain dict with these keys):
+Fields (every one optional; each reward checks what it needs):
 
-============  =====================================================  ==============================
-field         meaning                                                read by
-============  =====================================================  ==============================
-label         class name, e.g. ``"black footed albatross"``          ``accuracy``
-synonyms      other accepted names for ``label``                      ``accuracy``
-boxes         ``(K, 4)`` boxes ``x1, y1, x2, y2`` in ``box_space``;   ``iou``, ``confidence``
-              ``K = 0`` means "no object of the category"
-categories    ``K`` category names, one per box (optional)            ``iou``/``confidence`` with
-                                                                      ``match_categories=True``
-box           one ``(4,)`` box in ``box_space``                       ``grounding_*``
-box_space     coordinate space of ``boxes``/``box`` (see coords.py)   detection, grounding
-image_size    original image ``(width, height)`` in pixels            coordinate conversion
-resized_size  image ``(width, height)`` the model saw, in pixels      coordinate conversion
-============  =====================================================  ==============================
+================  ===================================================  ============================
+field             meaning                                              read by
+================  ===================================================  ============================
+label             class name, e.g. ``"black footed albatross"``        ``accuracy``
+synonyms          other accepted names for ``label``                    ``accuracy``
+boxes             ``(K, 4)`` boxes ``x1, y1, x2, y2`` in                ``iou``, ``confidence``
+                  ``coord_space``; ``K = 0``: no object of the
+                  category
+categories        ``K`` category names, one per box (optional)          ``iou``/``confidence`` with
+                                                                       ``match_categories=True``
+box               one ``(4,)`` box in ``coord_space``                   ``grounding_*``
+crowd_boxes       ``(C, 4)`` COCO ``iscrowd=1`` regions in              evaluation only (COCOeval
+                  ``coord_space``, apart from ``boxes``                 crowd); never the rewards
+crowd_categories  ``C`` names, one per crowd region                     evaluation only
+coord_space       space of all the boxes (see ``coords``)               detection, grounding
+image_size        original image ``(width, height)`` in pixels          coordinate conversion
+resized_size      image ``(width, height)`` the model saw, in pixels    coordinate conversion
+================  ===================================================  ============================
+
+Boxes are stored as float64 numpy arrays (finite, ``x2 >= x1`` and ``y2 >= y1``); the rewards
+convert them to CPU float64 tensors where they compute.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
-from megatron_vrft.rewards.coords import MODEL_COORD_SPACES, ModelCoordSpace
+from megatron_vrft.rewards.coords import COORD_SPACES, MODEL_COORD_SPACES, CoordSpace, convert_boxes
 
 
 class FailureReason(str, Enum):
@@ -108,93 +120,173 @@ def build_reward_output(scores: Sequence[float], reasons: Sequence[str | None]) 
     )
 
 
-def _as_size(value: Any, index: int, name: str) -> tuple[float, float] | None:
+
+def _as_size(value: Any, where: str, name: str) -> tuple[float, float] | None:
     if value is None:
         return None
     try:
         w, h = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"ground_truths[{index}].{name}: expected (width, height), got {value!r}")
+        raise ValueError(f"{where}.{name}: expected (width, height), got {value!r}") from None
     if not (math.isfinite(w) and math.isfinite(h) and w > 0 and h > 0):
-        raise ValueError(f"ground_truths[{index}].{name}: width/height must be > 0, got {value!r}")
+        raise ValueError(f"{where}.{name}: width/height must be > 0, got {value!r}")
     return (w, h)
 
 
-def _as_boxes(value: Any, index: int, name: str, single: bool) -> torch.Tensor | None:
+def _as_boxes(value: Any, where: str, name: str, single: bool) -> np.ndarray | None:
+    """``value`` as a new float64 array ``(4,)`` (``single``) or ``(K, 4)``; raises ``ValueError``
+    for anything else, non-finite coordinates or an inverted box (``x2 < x1`` or ``y2 < y1``)."""
     if value is None:
         return None
+    if torch.is_tensor(value):
+        value = value.detach().cpu()
     try:
-        t = torch.as_tensor(value, dtype=torch.float64).cpu()  # rewards are computed on the CPU
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"ground_truths[{index}].{name}: not numeric: {value!r}")
+        arr = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}.{name}: not numeric: {value!r}") from None
     if single:
-        if t.shape != (4,):
-            raise ValueError(f"ground_truths[{index}].{name}: expected shape (4,), got {tuple(t.shape)}")
+        if arr.shape != (4,):
+            raise ValueError(f"{where}.{name}: expected shape (4,), got {arr.shape}")
     else:
-        if t.numel() == 0:
-            t = t.reshape(0, 4)
-        if t.dim() != 2 or t.shape[-1] != 4:
-            raise ValueError(f"ground_truths[{index}].{name}: expected shape (K, 4), got {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"ground_truths[{index}].{name}: non-finite coordinates")
-    if bool(((t[..., 2] < t[..., 0]) | (t[..., 3] < t[..., 1])).any()):
-        raise ValueError(f"ground_truths[{index}].{name}: inverted box (x2 < x1 or y2 < y1)")
-    return t
+        if arr.size == 0:
+            arr = arr.reshape(0, 4)
+        if arr.ndim != 2 or arr.shape[-1] != 4:
+            raise ValueError(f"{where}.{name}: expected shape (K, 4), got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{where}.{name}: non-finite coordinates")
+    if ((arr[..., 2] < arr[..., 0]) | (arr[..., 3] < arr[..., 1])).any():
+        raise ValueError(f"{where}.{name}: inverted box (x2 < x1 or y2 < y1)")
+    return arr
 
 
-@dataclass(kw_only=True)
+def _as_names(value: Any, where: str, name: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
+        raise ValueError(f"{where}.{name}: expected a sequence of str, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(kw_only=True, eq=False)
 class GroundTruth:
-    """Ground truth of one prompt; every field is optional, each reward checks what it needs."""
+    """Ground truth of one example: the one type of the data layer, the rewards and the evaluation.
+
+    Every field is optional; each consumer checks what it needs. Construction validates and
+    normalises (boxes to float64 arrays, names to tuples) and raises ``ValueError`` naming
+    ``name`` and the field.
+    """
 
     label: str | None = None
-    """Classification label (``accuracy``)."""
-    synonyms: Sequence[str] = ()
-    """Other names accepted for ``label`` (``accuracy``, default mode)."""
-    boxes: Any = None
-    """``(K, 4)`` detection boxes in ``box_space``; list, numpy or tensor; stored float64 tensor."""
-    categories: Sequence[str] | None = None
-    """``K`` category names, one per row of ``boxes`` (only used with ``match_categories``)."""
-    box: Any = None
-    """``(4,)`` grounding box in ``box_space``; stored float64 tensor."""
-    box_space: ModelCoordSpace | None = None
-    """Coordinate space of ``boxes`` and ``box``; required when either is given."""
-    image_size: Any = None
-    """Original image ``(width, height)`` in pixels (needed to convert from/to ``pixels_original``)."""
-    resized_size: Any = None
-    """Resized image ``(width, height)`` the model saw (needed for ``pixels_resized``)."""
-    index: int = field(default=-1, repr=False)
-    """Position in the batch, only used to name the record in error messages."""
+    """Classification: the class name (``accuracy``)."""
+    synonyms: tuple[str, ...] = ()
+    """Classification: other names accepted for ``label``."""
+    boxes: np.ndarray | None = None
+    """Detection: ``(K, 4)`` float64 ``x1, y1, x2, y2`` in ``coord_space``; ``K = 0`` means no object
+    of the asked categories is present. Accepts lists, numpy arrays or tensors."""
+    categories: tuple[str, ...] | None = None
+    """Detection: the category name of each box, length ``K`` (``None``: not known)."""
+    box: np.ndarray | None = None
+    """Grounding: ``(4,)`` float64, the one referred box, in ``coord_space``."""
+    crowd_boxes: np.ndarray | None = None
+    """Detection, evaluation only: ``(C, 4)`` float64 crowd regions (COCO ``iscrowd=1``) in
+    ``coord_space``, kept apart from ``boxes`` so the rewards never match against them; evaluation
+    passes them to COCOeval as crowd annotations. ``None``: the source has no crowd information."""
+    crowd_categories: tuple[str, ...] = ()
+    """The category name of each crowd region, length ``C``."""
+    coord_space: CoordSpace | None = None
+    """Space of ``boxes``, ``box`` and ``crowd_boxes`` (see :mod:`megatron_vrft.rewards.coords`):
+    what a reader stored (``"norm_1"`` included) or, after preprocessing, the model's box space.
+    Required when any box is given."""
+    image_size: tuple[float, float] | None = None
+    """Original image ``(width, height)`` in pixels (to convert from/to ``pixels_original``)."""
+    resized_size: tuple[float, float] | None = None
+    """Image ``(width, height)`` the model saw (to convert from/to ``pixels_resized``)."""
+    name: str = field(default="ground_truth", repr=False)
+    """How error messages name this ground truth: the record's source id, or ``ground_truths[i]``."""
 
     def __post_init__(self) -> None:
-        i = self.index
+        where = self.name
         if self.label is not None and not isinstance(self.label, str):
-            raise ValueError(f"ground_truths[{i}].label: expected str, got {type(self.label).__name__}")
-        if self.synonyms is None:
-            self.synonyms = ()
-        if not isinstance(self.synonyms, (list, tuple)) or not all(isinstance(s, str) for s in self.synonyms):
-            raise ValueError(f"ground_truths[{i}].synonyms: expected a sequence of str")
-        self.synonyms = tuple(self.synonyms)
-        self.boxes = _as_boxes(self.boxes, i, "boxes", single=False)
-        self.box = _as_boxes(self.box, i, "box", single=True)
+            raise ValueError(f"{where}.label: expected str, got {type(self.label).__name__}")
+        self.synonyms = () if self.synonyms is None else _as_names(self.synonyms, where, "synonyms")
+        self.boxes = _as_boxes(self.boxes, where, "boxes", single=False)
+        self.box = _as_boxes(self.box, where, "box", single=True)
+        self.crowd_boxes = _as_boxes(self.crowd_boxes, where, "crowd_boxes", single=False)
         if self.categories is not None:
-            if not isinstance(self.categories, (list, tuple)) or not all(isinstance(c, str) for c in self.categories):
-                raise ValueError(f"ground_truths[{i}].categories: expected a sequence of str")
-            self.categories = tuple(self.categories)
-            if self.boxes is None or len(self.categories) != self.boxes.shape[0]:
-                raise ValueError(f"ground_truths[{i}].categories: need one category per row of boxes")
-        if (self.boxes is not None or self.box is not None) and self.box_space not in MODEL_COORD_SPACES:
-            raise ValueError(
-                f"ground_truths[{i}].box_space: expected one of {MODEL_COORD_SPACES}, got {self.box_space!r}"
-            )
-        self.image_size = _as_size(self.image_size, i, "image_size")
-        self.resized_size = _as_size(self.resized_size, i, "resized_size")
+            self.categories = _as_names(self.categories, where, "categories")
+            if self.boxes is None or len(self.categories) != len(self.boxes):
+                num = "no" if self.boxes is None else len(self.boxes)
+                raise ValueError(f"{where}.categories: need one category per row of boxes, got {num} boxes "
+                                 f"but {len(self.categories)} category names")
+        self.crowd_categories = _as_names(self.crowd_categories or (), where, "crowd_categories")
+        num_crowd = 0 if self.crowd_boxes is None else len(self.crowd_boxes)
+        if len(self.crowd_categories) != num_crowd:
+            raise ValueError(f"{where}.crowd_categories: need one category per crowd box, got {num_crowd} crowd "
+                             f"boxes but {len(self.crowd_categories)} crowd category names")
+        has_boxes = self.boxes is not None or self.box is not None or self.crowd_boxes is not None
+        if (has_boxes or self.coord_space is not None) and self.coord_space not in COORD_SPACES:
+            raise ValueError(f"{where}.coord_space: expected one of {COORD_SPACES}"
+                             f"{' (required with boxes)' if has_boxes else ''}, got {self.coord_space!r}")
+        self.image_size = _as_size(self.image_size, where, "image_size")
+        self.resized_size = _as_size(self.resized_size, where, "resized_size")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GroundTruth):
+            return NotImplemented
+        for f in _GT_FIELDS:
+            a, b = getattr(self, f), getattr(other, f)
+            if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+                if a is None or b is None or not np.array_equal(a, b):
+                    return False
+            elif a != b:
+                return False
+        return True
+
+    __hash__ = None  # mutable
+
+    def where(self, index: int) -> str:
+        """``ground_truths[index]`` plus the record's name, for a consumer's error message."""
+        at = f"ground_truths[{index}]"
+        return at if self.name in (at, "ground_truth") else f"{at} ({self.name})"
+
+    def in_space(
+        self,
+        dst: CoordSpace,
+        *,
+        image_size: Sequence[float] | None = None,
+        resized_size: Sequence[float] | None = None,
+    ) -> "GroundTruth":
+        """This ground truth with every box converted into ``dst`` (float64, no rounding).
+
+        ``image_size`` / ``resized_size`` default to this one's and are stored on the result;
+        raises ``ValueError`` when a pixel space needs a size that is missing. Without boxes only
+        the sizes change.
+        """
+        sizes = dict(
+            image_size=self.image_size if image_size is None else image_size,
+            resized_size=self.resized_size if resized_size is None else resized_size,
+        )
+        if self.coord_space is None or self.coord_space == dst:
+            return dataclasses.replace(self, **sizes)
+        convert = lambda b: None if b is None else convert_boxes(b, self.coord_space, dst, **sizes)  # noqa: E731
+        return dataclasses.replace(
+            self, coord_space=dst, boxes=convert(self.boxes), box=convert(self.box),
+            crowd_boxes=convert(self.crowd_boxes), **sizes,
+        )  # fmt: skip
 
 
-_GT_FIELDS = tuple(f.name for f in fields(GroundTruth) if f.name != "index")
+_GT_FIELDS = tuple(f.name for f in fields(GroundTruth) if f.name != "name")
+
+
+def check_model_space(gt: GroundTruth, index: int) -> None:
+    """Raise ``ValueError`` unless ``gt``'s boxes are in a space a model answers in
+    (``MODEL_COORD_SPACES``; not the annotation-only ``"norm_1"``): what box rewards compare in."""
+    if gt.coord_space not in MODEL_COORD_SPACES:
+        raise ValueError(f"{gt.where(index)}.coord_space: box rewards need one of {MODEL_COORD_SPACES}, "
+                         f"got {gt.coord_space!r} (map it with GroundTruth.in_space)")
 
 
 def as_ground_truth(obj: GroundTruth | Mapping[str, Any], index: int = -1) -> GroundTruth:
-    """Coerce a dict (keys: the ``GroundTruth`` fields) into a validated ``GroundTruth``."""
+    """``obj`` itself, or a plain dict (keys: the ``GroundTruth`` fields) made into one; its error
+    messages name it ``ground_truths[index]``."""
     if isinstance(obj, GroundTruth):
         return obj
     if not isinstance(obj, Mapping):
@@ -202,7 +294,7 @@ def as_ground_truth(obj: GroundTruth | Mapping[str, Any], index: int = -1) -> Gr
     unknown = sorted(set(obj) - set(_GT_FIELDS))
     if unknown:
         raise ValueError(f"ground_truths[{index}]: unknown keys {unknown}; known: {list(_GT_FIELDS)}")
-    return GroundTruth(**obj, index=index)
+    return GroundTruth(**obj, name=f"ground_truths[{index}]")
 
 
 def as_ground_truths(

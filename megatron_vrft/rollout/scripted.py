@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from megatron_vrft.rewards.types import GroundTruth, as_ground_truth
+
 MALFORMED_TEMPLATES = (
     "<answer>{answer}</answer>",  # no think block
     "<think>{think}</think><answer>{answer_truncated}",  # truncated mid-answer
@@ -48,11 +50,12 @@ class ScriptedPolicy:
             raise ValueError(f"quality must be in [0, 1], got {self.quality}")
         self._rng = np.random.default_rng(self.seed)
 
-    def sample(self, task: str, ground_truth: Mapping[str, Any], num_samples: int) -> list[str]:
-        """``num_samples`` completions for one example; ``ground_truth`` as in rewards."""
-        return [self._one(task, ground_truth) for _ in range(num_samples)]
+    def sample(self, task: str, ground_truth: GroundTruth | Mapping[str, Any], num_samples: int) -> list[str]:
+        """``num_samples`` completions for one example; ``ground_truth`` as the rewards take it."""
+        gt = as_ground_truth(ground_truth)
+        return [self._one(task, gt) for _ in range(num_samples)]
 
-    def _one(self, task: str, gt: Mapping[str, Any]) -> str:
+    def _one(self, task: str, gt: GroundTruth) -> str:
         noise = 1.0 - self.quality
         if task == "classification":
             answer = self._classification_answer(gt)
@@ -69,10 +72,10 @@ class ScriptedPolicy:
             return template.format(think=think, answer=answer, answer_truncated=answer[:cut])
         return f"<think>{think}</think>\n<answer>{answer}</answer>"
 
-    def _classification_answer(self, gt: Mapping[str, Any]) -> str:
-        label = str(gt["label"])
+    def _classification_answer(self, gt: GroundTruth) -> str:
+        label = str(gt.label)
         if self._rng.random() < self.quality:
-            choices = [label, label.title(), *gt.get("synonyms", ())]
+            choices = [label, label.title(), *gt.synonyms]
             return choices[int(self._rng.integers(len(choices)))]
         wrong = [c for c in self.class_names if c != label] or ["unknown object"]
         return wrong[int(self._rng.integers(len(wrong)))]
@@ -84,10 +87,10 @@ class ScriptedPolicy:
         out[3] = max(out[3], out[1] + 1.0)
         return np.round(out)
 
-    def _detection_answer(self, gt: Mapping[str, Any]) -> str:
+    def _detection_answer(self, gt: GroundTruth) -> str:
         noise = 1.0 - self.quality
-        boxes = np.asarray(gt.get("boxes", np.zeros((0, 4))), dtype=np.float64).reshape(-1, 4)
-        categories = list(gt.get("categories") or [])
+        boxes = gt.boxes if gt.boxes is not None else np.zeros((0, 4))
+        categories = list(gt.categories or [])
         entries = []
         for i, box in enumerate(boxes):
             if self._rng.random() > 0.4 + 0.6 * self.quality:
@@ -112,7 +115,7 @@ class ScriptedPolicy:
             parts.append(item + "}")
         return "[" + ", ".join(parts) + "]"
 
-    def _grounding_answer(self, gt: Mapping[str, Any]) -> str:
-        box = np.asarray(gt["box"], dtype=np.float64).reshape(4)
+    def _grounding_answer(self, gt: GroundTruth) -> str:
+        box = gt.box
         jittered = self._jitter(box, 0.6 * (1.0 - self.quality))
         return "[" + ", ".join(str(int(v)) for v in jittered) + "]"

@@ -8,11 +8,12 @@ A batch holds its prompts once (``prompts[g]`` is group ``g``) and one row per s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from megatron_vrft.data.processing import PreprocessedExample
+from megatron_vrft.rewards.types import GroundTruth
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -94,8 +95,8 @@ class RolloutBatch:
     def prompt_of(self, row: int) -> PreprocessedExample:
         return self.prompts[int(self.group_ids[row])]
 
-    def ground_truths(self) -> list[Any]:
-        """``(N,)`` ground truths of the rows (the prompts', repeated by group)."""
+    def ground_truths(self) -> list[GroundTruth]:
+        """``(N,)`` ground truths of the rows (the prompts', repeated by group), as the rewards read them."""
         return [self.prompt_of(i).ground_truth for i in range(len(self))]
 
     def response_lengths(self) -> torch.Tensor:

@@ -59,7 +59,7 @@ import logging
 import os
 import tempfile
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -371,32 +371,52 @@ class VLLMEngine:
     ) -> None:  # fmt: skip
         """Load HF-named full tensors (hub or in-memory names) in place; all must come, once each.
 
-        Every name and shape is checked before anything is loaded: missing, unexpected and
-        mis-shaped tensors are all named in one :class:`WeightUpdateError`. The tensors are held
-        (by reference) until the load is done. Afterwards the prefix, multimodal and encoder caches
-        are reset. ``_skip_encoder_cache_reset`` exists only for the test that shows why the encoder
-        cache reset is needed; never set it.
+        The tensors stream straight into vLLM's layerwise reload: the engine holds none of them
+        beyond the one being loaded, so the peak extra memory is the exporter's bucket, not the
+        model. Each tensor's name and shape is checked before it is loaded; an unexpected, repeated
+        or mis-shaped tensor stops the update with a :class:`WeightUpdateError` naming it, and so
+        does a stream that ends with tensors missing (named). Such a failed update may have
+        replaced part of the weights: the engine then refuses to generate until a complete update
+        succeeds. Afterwards the prefix, multimodal and encoder caches are reset.
+        ``_skip_encoder_cache_reset`` exists only for the test that shows why the encoder cache
+        reset is needed; never set it.
         """
         self._check_usable()
         if "weights" not in self._awake:
             raise RuntimeError("update_weights on a sleeping engine: wake_up(['weights']) first")
-        pairs: list[tuple[str, torch.Tensor]] = []
         received: dict[str, torch.Size] = {}
-        for name, tensor in weights.items() if isinstance(weights, Mapping) else weights:
-            hub = hf_hub_name(name)
-            if hub in received:
-                raise WeightUpdateError(f"weight update sent {hub!r} twice")
-            received[hub] = tensor.shape
-            pairs.append((hub, tensor))
-        check_weight_names(received, self._expected)
+        problem: list[WeightUpdateError] = []
+
+        def checked() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in weights.items() if isinstance(weights, Mapping) else weights:
+                hub = hf_hub_name(name)
+                if hub in received:
+                    problem.append(WeightUpdateError(f"weight update sent {hub!r} twice"))
+                    return
+                received[hub] = tensor.shape
+                if hub not in self._expected or tuple(tensor.shape) != tuple(self._expected[hub]):
+                    try:  # the same message as a whole-update check: unexpected / mis-shaped, named
+                        check_weight_names({hub: tensor.shape}, {hub: self._expected[hub]} if hub in self._expected else {})
+                    except WeightUpdateError as exc:
+                        problem.append(exc)
+                    return
+                yield hub, tensor
+
+        self._weights_lost = True  # until the whole update is in
         try:
             self.llm.collective_rpc(
-                "reload_weights", kwargs=dict(weights_iterator=iter(pairs), is_checkpoint_format=True)
+                "reload_weights", kwargs=dict(weights_iterator=checked(), is_checkpoint_format=True)
             )
         except Exception as exc:
             self._failure = f"reload_weights failed: {type(exc).__name__}: {exc}"
             raise
-        del pairs
+        if not problem:
+            try:
+                check_weight_names(received, self._expected)  # anything missing
+            except WeightUpdateError as exc:
+                problem.append(exc)
+        if problem:
+            raise WeightUpdateError(f"{problem[0]}; the weights are now partly replaced: send a complete update")
         self.weights_version += 1
         self._weights_lost = False
         self.reset_caches(encoder=not _skip_encoder_cache_reset)
@@ -533,7 +553,8 @@ class VLLMEngine:
         if self._awake != {"weights", "kv_cache"}:
             raise RuntimeError("generate on a sleeping engine: wake_up() first")
         if self._weights_lost:
-            raise RuntimeError("after sleep(level=2) the weights are gone: update_weights(...) before generate")
+            raise RuntimeError("the weights are gone (sleep(level=2)) or partly replaced (a failed update): "
+                               "a complete update_weights(...) before generate")
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if self._spmd:

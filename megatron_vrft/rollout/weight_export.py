@@ -6,17 +6,17 @@ of a model-parallel group runs the same collectives:
 1. the ranks of the pipeline stage owning the bucket pack their shards into one flat buffer and
    all-gather it over the TP group (TP-replicated tensors, e.g. the vision tower, travel once);
 2. the owning stage broadcasts the gathered buffers over the PP group;
-3. each rank merges the TP shards (``state_dict_adapter.merge_tp_shards``) and maps Megatron names
-   to HF names with the adapter (``hf_tensor_from_megatron``: QKV and gate/up unfused).
+3. each rank merges the TP shards (``state_dict_adapter.merge_tp_shards``) and unfuses QKV and
+   gate/up into HF tensors (``unfuse_megatron_tensor``).
 
-Shapes come from the adapter (``megatron_param_shapes``), so ranks that do not own a bucket know
-what to receive. Peak extra memory is one gathered bucket plus its HF tensors, not the model.
-Consumers: every engine's ``update_weights`` and the HF checkpoint writer.
+Names, TP axes and fusions come from the adapter's name table (``expand_param_table``), shapes from
+``megatron_param_shapes``, so ranks that do not own a bucket know what to receive. Peak extra memory
+is one gathered bucket plus its HF tensors, not the model. Consumers: every engine's
+``update_weights`` and the HF checkpoint writer.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -27,16 +27,14 @@ from torch import nn
 from megatron_vrft.distributed.parallel_state import ParallelGroups
 from megatron_vrft.models.qwen2_vl.arch import Qwen2VLArch
 from megatron_vrft.models.qwen2_vl.state_dict_adapter import (
+    BoundParam,
+    expand_param_table,
+    hf_export_order,
     hf_param_names,
-    hf_tensor_from_megatron,
     megatron_param_shapes,
     merge_tp_shards,
-    pipeline_layer_ranges,
-    tp_split_axis,
+    unfuse_megatron_tensor,
 )
-
-_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.(.*)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass(kw_only=True)
@@ -45,53 +43,29 @@ class _Unit:
 
     stage: int
     """Virtual pipeline stage that owns it."""
-    names: list[str]
-    """Local Megatron names on the owning chunk."""
+    params: list[BoundParam]
+    """Its parameters on the owning chunk (name-table rows)."""
     shapes: list[torch.Size]
     """Their shard shapes."""
-    global_names: list[str]
-    """The same names with global layer indices (the TP = PP = 1 view)."""
     hf_names: list[str]
-    """HF hub names computed from this unit."""
+    """HF hub names computed from this unit, in export order."""
 
     def nbytes(self, element_size: int) -> int:
         return sum(s.numel() for s in self.shapes) * element_size
 
 
 def _plan_units(arch: Qwen2VLArch, tp: int, num_stages: int, layer_spec: str) -> list[_Unit]:
-    ranges = pipeline_layer_ranges(arch.num_layers, num_stages)
-    hf_names = hf_param_names(arch)
     units: list[_Unit] = []
     for stage in range(num_stages):
         shapes = megatron_param_shapes(arch, tp_size=tp, pp_size=num_stages, pp_rank=stage, layer_spec=layer_spec)
-        head, tail, layers = [], [], {}
-        for name in shapes:
-            m = _LAYER.match(name)
-            if m:
-                layers.setdefault(int(m.group(1)), []).append(name)
-            elif "final_layernorm" in name or "output_layer" in name:
-                tail.append(name)
-            else:
-                head.append(name)
-
-        def unit(names: list[str], hf: list[str], layer_map: dict[int, int]) -> _Unit:
-            glob = []
-            for n in names:
-                m = _LAYER.match(n)
-                glob.append(n if not m else f"language_model.decoder.layers.{layer_map[int(m.group(1))]}.{m.group(2)}")
-            return _Unit(stage=stage, names=names, shapes=[shapes[n] for n in names], global_names=glob, hf_names=hf)
-
-        if head:
-            hf = [n for n in hf_names if n.startswith("visual.") or n == "model.embed_tokens.weight"]
-            units.append(unit(head, hf, {}))
-        for local, global_layer in enumerate(ranges[stage]):
-            hf = [n for n in hf_names if n.startswith(f"model.layers.{global_layer}.")]
-            units.append(unit(layers[local], hf, {local: global_layer}))
-        if tail:
-            hf = [n for n in hf_names if n in ("model.norm.weight", "lm_head.weight")]
-            units.append(unit(tail, hf, {}))
+        groups: dict[tuple[str, int | None], list[BoundParam]] = {}
+        for b in expand_param_table(arch, layer_spec=layer_spec, pp_rank=stage, pp_size=num_stages):
+            groups.setdefault((b.mapping.placement, b.layer), []).append(b)
+        for params in groups.values():
+            hf = hf_export_order([n for b in params for n in b.hf])
+            units.append(_Unit(stage=stage, params=params, shapes=[shapes[b.megatron] for b in params], hf_names=hf))
     covered = [n for u in units for n in u.hf_names]
-    if sorted(covered) != sorted(hf_names):
+    if sorted(covered) != sorted(hf_param_names(arch)):
         raise AssertionError("weight export plan does not cover every HF tensor exactly once")
     return units
 
@@ -138,23 +112,23 @@ def export_hf_weights(
     layer_spec = getattr(chunks[0], "adapter_layer_spec", "local")
     units = _plan_units(arch, tp, pp * vpp, layer_spec)
     for bucket in _buckets(units, bucket_bytes, element_size):
-        yield _export_bucket(bucket, arch, groups, params, dtype=dtype, device=device, pp=pp, layer_spec=layer_spec)
+        yield _export_bucket(bucket, arch, groups, params, dtype=dtype, device=device, pp=pp)
 
 
-def _export_bucket(bucket, arch, groups, params, *, dtype, device, pp, layer_spec) -> list[tuple[str, torch.Tensor]]:
+def _export_bucket(bucket, arch, groups, params, *, dtype, device, pp) -> list[tuple[str, torch.Tensor]]:
     stage = bucket[0].stage
     owner_pp, chunk = stage % pp, stage // pp
-    entries = [(n, g, s) for u in bucket for n, g, s in zip(u.names, u.global_names, u.shapes)]
-    split = [e for e in entries if tp_split_axis(e[0]) is not None]
-    repl = [e for e in entries if tp_split_axis(e[0]) is None]
-    n_split, n_repl = sum(s.numel() for *_, s in split), sum(s.numel() for *_, s in repl)
+    entries = [(b, s) for u in bucket for b, s in zip(u.params, u.shapes)]
+    split = [e for e in entries if e[0].mapping.tp_axis is not None]
+    repl = [e for e in entries if e[0].mapping.tp_axis is None]
+    n_split, n_repl = sum(s.numel() for _, s in split), sum(s.numel() for _, s in repl)
     tp = groups.tp_size
     owns = groups.pp_rank == owner_pp
     with torch.no_grad():
         if owns:
             local = params[chunk]
-            flat_split = torch.cat([local[n].detach().reshape(-1) for n, *_ in split]) if split else None
-            flat_repl = torch.cat([local[n].detach().reshape(-1) for n, *_ in repl]) if repl else None
+            flat_split = torch.cat([local[b.megatron].detach().reshape(-1) for b, _ in split]) if split else None
+            flat_repl = torch.cat([local[b.megatron].detach().reshape(-1) for b, _ in repl]) if repl else None
             if split and tp > 1:
                 gathered = torch.empty(tp * n_split, dtype=dtype, device=device)
                 dist.all_gather_into_tensor(gathered, flat_split, group=groups.tp_group)
@@ -168,20 +142,16 @@ def _export_bucket(bucket, arch, groups, params, *, dtype, device, pp, layer_spe
             for buf in (gathered, flat_repl):
                 if buf is not None:
                     dist.broadcast(buf, src=src, group=groups.pp_group)
-        full: dict[str, torch.Tensor] = {}
-        offset = 0
-        per_rank = gathered.view(tp, n_split) if split else None
-        for name, global_name, shape in split:
-            n = shape.numel()
-            full[global_name] = merge_tp_shards(name, [per_rank[r, offset : offset + n].view(shape) for r in range(tp)])
-            offset += n
-        offset = 0
-        for _, global_name, shape in repl:
-            n = shape.numel()
-            full[global_name] = flat_repl[offset : offset + n].view(shape)
-            offset += n
-        out = []
-        for u in bucket:
-            for hf_name in u.hf_names:
-                out.append((hf_name, hf_tensor_from_megatron(hf_name, full.__getitem__, arch, layer_spec=layer_spec)))
+        hf: dict[str, torch.Tensor] = {}
+        for group, flat, ranks in ((split, gathered, tp), (repl, flat_repl, 1)):
+            per_rank = flat.view(ranks, -1) if group else None
+            offset = 0
+            for b, shape in group:
+                n = shape.numel()
+                full = merge_tp_shards(b.megatron, [per_rank[r, offset : offset + n].view(shape) for r in range(ranks)])
+                offset += n
+                # Unfused parts are copies (as hf_tensor_from_megatron returns them).
+                parts = unfuse_megatron_tensor(b.mapping, full, arch)
+                hf.update((name, t.clone() if b.mapping.fusion else t) for name, t in zip(b.hf, parts))
+        out = [(name, hf[name]) for u in bucket for name in u.hf_names]
     return out

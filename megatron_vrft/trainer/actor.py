@@ -19,6 +19,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vrft.distributed.parallel_state import ParallelGroups
+from megatron_vrft.models.conversion import build_policy_sharded_state_dict
 from megatron_vrft.models.qwen2_vl.logprobs import compute_token_logprobs
 from megatron_vrft.models.qwen2_vl.model import Qwen2VLPolicy
 from megatron_vrft.models.qwen2_vl.parallelize import allreduce_tied_embedding_grads, allreduce_vision_grads
@@ -167,18 +168,29 @@ class PolicyActor:
         lr = self.optimizer.param_groups[0]["lr"]
         return stats, {"grad_norm": float(grad_norm or 0.0), "lr": float(lr), "skipped": float(not finite)}
 
-    def state_dict(self) -> dict:
+    def sharded_state_dict(self, *, is_loading: bool = False) -> dict:
+        """Model chunks, optimizer and LR schedule as a megatron-core sharded state dict (global
+        tensor keys: loadable at any TP/PP/DP). ``is_loading`` creates the optimizer state to fill."""
+        model = {f"chunk{i}": policy_sharded_state_dict(p, self.groups) for i, p in enumerate(self.policies)}
         return {
-            "model": [p.state_dict() for p in self.policies],
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": self.optimizer.sharded_state_dict(model, is_loading=is_loading),
             "scheduler": self.scheduler.state_dict(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        for p, s in zip(self.policies, state["model"], strict=True):
-            p.load_state_dict(s)
+    def load_sharded_state_dict(self, state: dict) -> None:
+        """Load what :func:`megatron.core.dist_checkpointing.load` returned for
+        :meth:`sharded_state_dict` (``is_loading=True``)."""
+        for i, p in enumerate(self.policies):
+            p.load_state_dict(state["model"][f"chunk{i}"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def policy_sharded_state_dict(policy: Qwen2VLPolicy, groups: ParallelGroups, *, prefix: str = "") -> dict:
+    """One policy chunk as a sharded state dict in the model-checkpoint format (see
+    :func:`megatron_vrft.models.conversion.build_policy_sharded_state_dict`)."""
+    return build_policy_sharded_state_dict(policy, tp_rank=groups.tp_rank, dp_rank=groups.dp_rank, prefix=prefix)
 
 
 def forward_logprobs(

@@ -28,15 +28,16 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_vrft.config import VisualRFTConfig, config_to_dict
-from megatron_vrft.data import PromptBatcher
 from megatron_vrft.data.prompts import format_answer
+from megatron_vrft.eval.evaluate import evaluate_completions
 from megatron_vrft.rl import aggregate_loss, compute_grpo_loss, compute_kl, compute_rollout_correction
 from megatron_vrft.rollout.offload import Offloader, trainer_tensors
 from megatron_vrft.rollout.types import RolloutBatch, SamplingParams, ScoredBatch
 from megatron_vrft.rollout.weight_export import export_hf_weights
 from megatron_vrft.trainer import checkpoint as ckpt
 from megatron_vrft.trainer.faults import maybe_crash
-from megatron_vrft.trainer.actor import copy_weights, forward_logprobs
+from megatron_vrft.trainer.flops import lm_forward_flops, peak_flops
+from megatron_vrft.trainer.actor import copy_weights, forward_logprobs, policy_sharded_state_dict
 from megatron_vrft.trainer.batching import MicroBatch, build_micro_batches
 from megatron_vrft.trainer.metrics import MetricsLogger
 from megatron_vrft.trainer.scoring import score_rollout, scored_metrics
@@ -68,15 +69,13 @@ def train(cfg: VisualRFTConfig) -> TrainResult:
     start_step = 0
     warmup = cfg.trainer.sft_warmup_steps if cfg.algorithm.name == "grpo" else 0
     if cfg.trainer.resume and (path := ckpt.latest_checkpoint(out_dir)) is not None:
-        state = ckpt.load_checkpoint(path, layout=run.layout_dict)
-        if warmup and state["step"] >= warmup:
-            run.actor.reset_optimizer(cfg.trainer.num_steps)  # the GRPO optimizer, then its state
-        start_step = restore(run, state)
+        start_step = load_train_state(run, path)
         logger.info("resumed from %s (step %d)", path, start_step)
     if run.rank == 0:
         ckpt.remove_incomplete(out_dir)
     metrics = MetricsLogger(out_dir, active=run.rank == 0, jsonl=cfg.logging.jsonl,
-                            tensorboard=cfg.logging.tensorboard, resume_step=start_step)
+                            tensorboard=cfg.logging.tensorboard, resume_step=start_step,
+                            wandb_project=cfg.logging.wandb_project, config=config_to_dict(cfg))
     weights_stale = True
     bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=run.rank != 0 or not cfg.logging.progress_bar,
                dynamic_ncols=True)
@@ -106,11 +105,14 @@ def train(cfg: VisualRFTConfig) -> TrainResult:
             bar.set_postfix({k.split("/")[-1]: f"{record[k]:.3f}" for k in ("reward/total", "reward/accuracy", "sft_loss")
                              if k in record}, refresh=False)
         bar.update(1)
+        if run.eval_prompts and cfg.trainer.eval_interval and step % cfg.trainer.eval_interval == 0 \
+                and step != total_steps:  # the last step's evaluation follows the HF export
+            with timer.phase("evaluation"):
+                metrics.log(step, {"phase": "eval", **evaluate(run, step)})
         save_now = cfg.trainer.save_interval and step % cfg.trainer.save_interval == 0
         if save_now or step == total_steps:
             with timer.phase("checkpoint"):
-                ckpt.save_checkpoint(out_dir, step, snapshot(run, step), layout=run.layout_dict,
-                                     keep=cfg.trainer.keep_checkpoints)
+                save_train_state(run, step)
             if cfg.logging.plots:
                 metrics.plot()
     bar.close()
@@ -162,6 +164,7 @@ def sft_step(run: RunContext, step: int, timer: PhaseTimer) -> dict:
     with timer.phase("update"):
         stats, opt = run.actor.train_step(mbs, loss_fn, temperature=1.0)
     out = {"phase": "sft", **_reduce_stats(run, stats, sums=("sft_loss", "entropy")), **opt}
+    out.update(model_flops_metrics(run, mbs, passes=3, seconds=timer.seconds["update"]))
     return out
 
 
@@ -225,12 +228,29 @@ def grpo_step(run: RunContext, step: int, timer: PhaseTimer, *, sync_weights: bo
             record.update(opt)
     if offload:
         record["memory/offloaded_during_rollout_mb"] = released_bytes / 2**20
+    # forward + backward (3 forward-equivalents) per PPO epoch, plus the forward-only passes
+    passes = 3 * cfg.algorithm.ppo_epochs + (run.reference is not None) + (cfg.algorithm.ppo_epochs > 1)
+    seconds = sum(timer.seconds.get(k, 0.0) for k in ("update", "ref_logprobs", "old_logprobs"))
+    record.update(model_flops_metrics(run, mbs, passes=passes, seconds=seconds))
     n_tokens = int(batch.response_lengths().sum())
     record["throughput/rollout_tokens_per_s"] = n_tokens / max(timer.seconds.get("rollout", 1e-9), 1e-9)
     record["throughput/update_tokens_per_s"] = sum(
         mb.input_ids.numel() for mb in mbs
     ) * cfg.algorithm.ppo_epochs / max(timer.seconds["update"], 1e-9)
     return record
+
+
+def model_flops_metrics(run: RunContext, mbs: list[MicroBatch], *, passes: int, seconds: float) -> dict:
+    """Achieved model TFLOP/s per device in the trainer's passes over ``mbs`` (this DP rank's share,
+    split over its TP x PP devices), and MFU against the device's dense peak on a known GPU."""
+    flops = passes * sum(lm_forward_flops(run.arch, [mb.input_ids.shape[1]] * mb.input_ids.shape[0]) for mb in mbs)
+    per_device = flops / (run.groups.tp_size * run.groups.pp_size) / max(seconds, 1e-9)
+    out = {"perf/model_tflops_per_device": per_device / 1e12}
+    if run.on_gpu:
+        dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[run.cfg.model.dtype]
+        if (peak := peak_flops(torch.cuda.get_device_name(), dtype)) is not None:
+            out["perf/mfu"] = per_device / peak
+    return out
 
 
 _SUMMED = ("loss", "pg_loss", "kl_loss", "entropy", "rollout/logprob_abs_diff_mean", "rollout/kl_k3",
@@ -370,6 +390,10 @@ def evaluate(run: RunContext, step: int) -> dict:
     scored = score_rollout(batch, run.eval_ground_truths, terms=run.reward_terms, options=run.reward_options,
                            advantage_estimator="drgrpo")
     out = {f"eval/{k.split('/', 1)[1]}": v for k, v in scored_metrics(scored, 1).items() if k.startswith("reward/")}
+    # the task metrics tools/evaluate.py reports (accuracy / COCO mAP / grounding IoU), same code
+    task = evaluate_completions(cfg.data.task, batch.texts, batch.ground_truths(),
+                                **({"mode": cfg.reward.classification_mode} if cfg.data.task == "classification" else {}))
+    out.update({f"eval/task/{k}": float(v) for k, v in task.items() if isinstance(v, (int, float))})
     out["eval/num_prompts"] = len(prompts)
     if run.rank == 0:
         examples = [{"source_id": batch.prompt_of(i).source_id, "completion": batch.texts[i]} for i in range(min(8, len(batch)))]
@@ -393,34 +417,63 @@ def reference_resident(run: RunContext):
         run.reference_offloader.offload(["params"])
 
 
-def snapshot(run: RunContext, step: int) -> dict:
+def train_state(run: RunContext, step: int, *, is_loading: bool = False, with_rng: bool = True) -> dict:
+    """Everything a resume needs, as one megatron-core sharded state dict: the actor (model,
+    optimizer, LR schedule), the reference model, the prompt iterator and the RNG states.
+
+    Tensors carry global keys (any layout loads them); the RNG states are one object per rank, so
+    ``with_rng=False`` when loading a checkpoint written at another layout.
+    """
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    state = {"step": step, "actor": run.actor.sharded_state_dict(is_loading=is_loading),
+             "batcher": run.batcher.state_dict()}
+    if run.reference is not None:
+        state["reference"] = {f"chunk{i}": policy_sharded_state_dict(m, run.groups, prefix="reference.")
+                              for i, m in enumerate(run.reference)}
+    if with_rng:
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        state["rng"] = ShardedObject("rng_state", rng, (run.world_size,), (run.rank,), replica_id=0)
+    return state
+
+
+def save_train_state(run: RunContext, step: int) -> Path:
+    """Checkpoint ``step`` (collective); the directory doubles as a model checkpoint."""
+    from megatron_vrft.models.conversion import write_checkpoint_meta
+
     with reference_resident(run):
-        return _snapshot(run, step)
+        return ckpt.save_checkpoint(
+            run.cfg.trainer.output_dir, step, train_state(run, step), layout=run.layout_dict,
+            keep=run.cfg.trainer.keep_checkpoints,
+            describe=lambda d: write_checkpoint_meta(d, run.arch),
+        )  # fmt: skip
 
 
-def _snapshot(run: RunContext, step: int) -> dict:
-    return {
-        "step": step,
-        "actor": run.actor.state_dict(),
-        # copied to the CPU: an offloaded reference releases its storage right after this
-        "reference": ([{k: v.to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in m.state_dict().items()}
-                       for m in run.reference]
-                      if run.reference is not None else None),
-        "batcher": run.batcher.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-    }
-
-
-def restore(run: RunContext, state: dict) -> int:
-    run.actor.load_state_dict(state["actor"])
-    if run.reference is not None and state["reference"] is not None:
-        with reference_resident(run):
-            for m, s in zip(run.reference, state["reference"], strict=True):
-                m.load_state_dict(s)
+def load_train_state(run: RunContext, path: Path) -> int:
+    """Restore the run from checkpoint ``path`` (written at any layout); returns its step."""
+    written = ckpt.read_train_state(path)
+    same_layout = written["layout"] == run.layout_dict
+    if not same_layout and run.rank == 0:
+        logger.warning("resharding checkpoint %s from layout %s to %s; RNG states re-seeded",
+                       path, written["layout"], run.layout_dict)
+    warmup = run.cfg.trainer.sft_warmup_steps if run.cfg.algorithm.name == "grpo" else 0
+    if warmup and written["step"] >= warmup:
+        run.actor.reset_optimizer(run.cfg.trainer.num_steps)  # the GRPO optimizer, then its state
+    with reference_resident(run):
+        state = ckpt.load_checkpoint(path, train_state(run, written["step"], is_loading=True, with_rng=same_layout))
+        run.actor.load_sharded_state_dict(state["actor"])
+        if run.reference is not None:
+            for i, m in enumerate(run.reference):
+                m.load_state_dict(state["reference"][f"chunk{i}"])
     run.batcher.load_state_dict(state["batcher"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
+    if same_layout:
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return int(state["step"])
 
 

@@ -1,4 +1,5 @@
-"""Run metrics: one JSON line per step, TensorBoard scalars, and the reward-curve PNG (rank 0 only).
+"""Run metrics: one JSON line per step, TensorBoard scalars, Weights & Biases when configured, and the
+reward-curve PNG (rank 0 only).
 
 On resume the JSONL is cut back to the checkpoint's step, so steps that ran after the checkpoint
 and before a crash are not counted twice.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +27,14 @@ class MetricsLogger:
     """Writes metrics of rank 0; other ranks hold an inactive instance."""
 
     def __init__(self, output_dir: str | Path, *, active: bool, jsonl: bool, tensorboard: bool,
-                 resume_step: int | None) -> None:
+                 resume_step: int | None, wandb_project: str | None = None, config: dict | None = None) -> None:
         self.dir = Path(output_dir)
         self.active = active
         self.path = self.dir / "metrics.jsonl"
         self.records: list[dict[str, Any]] = []
         self._jsonl = jsonl and active
         self._tb = None
+        self._wandb = None
         if not active:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -56,6 +59,8 @@ class MetricsLogger:
                 logger.warning("logging.tensorboard is on but tensorboard is not installed; skipping it")
             else:
                 self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
+        if wandb_project is not None:
+            self._wandb = _start_wandb(self.dir, wandb_project, config, resumed=bool(resume_step))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.active:
@@ -65,10 +70,12 @@ class MetricsLogger:
         if self._jsonl:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def plot(self, filename: str = "reward_curve.png") -> Path | None:
         """Reward and accuracy against step (GRPO steps; SFT warm-up steps shaded)."""
@@ -109,3 +116,23 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _start_wandb(run_dir: Path, project: str, config: dict | None, *, resumed: bool):
+    """A W&B run for ``run_dir``: its id is kept in ``run_dir/wandb_run_id`` so that a resumed
+    training run appends to the same W&B run. W&B keeps the first value it got for a step: steps
+    a crashed run logged after its last checkpoint keep those values there (metrics.jsonl and
+    TensorBoard are cut back to the checkpoint and hold the resumed run's)."""
+    import wandb
+
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if resumed and id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                      config=config or {})

@@ -33,7 +33,6 @@ from megatron_vrft.data import (
     load_records,
     load_tokenizer,
     preprocess_records,
-    to_reward_ground_truth,
 )
 from megatron_vrft.eval.evaluate import evaluate_completions
 from megatron_vrft.models.qwen2_vl.presets import build_preset_hf_model
@@ -143,9 +142,9 @@ def run_reward_eval(cfg: VisualRFTConfig, *, qualities=DEFAULT_QUALITIES, num_mo
         examples, skips = preprocess_records(records, processor, box_space=cfg.data.coord_space,
                                              on_error=cfg.data.on_error)
         skips.merge(records.skips)
-        ground_truths = [to_reward_ground_truth(e) for e in examples]
+        ground_truths = [e.ground_truth for e in examples]  # in the model's box space
     terms, options = reward_terms(cfg)
-    class_names = sorted({gt["label"] for gt in ground_truths if gt.get("label")})
+    class_names = sorted({gt.label for gt in ground_truths if gt.label})
 
     with timer.phase("model_rollout"):
         head = examples[:num_model_prompts]

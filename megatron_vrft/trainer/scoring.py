@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import Any, Sequence
 
 from megatron_vrft.config import VisualRFTConfig
-from megatron_vrft.rewards import compute_rewards
+from megatron_vrft.rewards import GroundTruth, compute_rewards
 from megatron_vrft.rl import compute_advantages
 from megatron_vrft.rollout.types import RolloutBatch, ScoredBatch
 
@@ -27,7 +25,7 @@ def reward_terms(cfg: VisualRFTConfig) -> tuple[list[tuple[str, float]], dict[st
 
 def score_rollout(
     batch: RolloutBatch,
-    reward_ground_truths: list[dict],
+    reward_ground_truths: Sequence[GroundTruth],
     *,
     terms: list[tuple[str, float]],
     options: dict[str, dict[str, Any]],

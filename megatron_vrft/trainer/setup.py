@@ -3,6 +3,7 @@ against the world), then :func:`build_run` (data, tokenizer, policy, optimizer, 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,13 @@ from megatron_vrft.data import (
     load_records,
     load_tokenizer,
     preprocess_records,
-    to_reward_ground_truth,
 )
 from megatron_vrft.distributed.parallel_state import ParallelGroups, ParallelLayout, initialize_model_parallel
 from megatron_vrft.models.qwen2_vl.arch import Qwen2VLArch
 from megatron_vrft.models.qwen2_vl.build import DTYPES, build_policy, load_hf_source, preset_source
 from megatron_vrft.models.qwen2_vl.model import Qwen2VLPolicy
 from megatron_vrft.models.qwen2_vl.spec import use_transformer_engine
-from megatron_vrft.rewards import available_rewards
+from megatron_vrft.rewards import GroundTruth, available_rewards
 from megatron_vrft.rollout.offload import Offloader, trainer_tensors
 from megatron_vrft.rollout.engine import RolloutEngine, build_engine, resolve_engine_name, vision_token_ids
 from megatron_vrft.rollout.types import SamplingParams
@@ -48,10 +48,8 @@ class RunContext:
     processor: Any
     arch: Qwen2VLArch
     examples: list[PreprocessedExample]
-    reward_ground_truths: list[dict]
     class_names: list[str]
     eval_prompts: list[PreprocessedExample]
-    eval_ground_truths: list[dict]
     actor: PolicyActor
     reference: list[Qwen2VLPolicy] | None
     engine: RolloutEngine
@@ -63,6 +61,16 @@ class RunContext:
     reward_options: dict[str, dict[str, Any]]
     on_gpu: bool
     reference_offloader: Offloader | None
+
+    @property
+    def reward_ground_truths(self) -> list[GroundTruth]:
+        """``examples[i].ground_truth``: in the model's box space, what the rewards read."""
+        return [e.ground_truth for e in self.examples]
+
+    @property
+    def eval_ground_truths(self) -> list[GroundTruth]:
+        """``eval_prompts[i].ground_truth``."""
+        return [e.ground_truth for e in self.eval_prompts]
 
 
 def preflight(cfg: VisualRFTConfig, world_size: int) -> None:
@@ -91,6 +99,13 @@ def preflight(cfg: VisualRFTConfig, world_size: int) -> None:
         raise ConfigError("model.hf_path", cfg.model.hf_path, "an HF checkpoint directory with config.json")
     if cfg.data.path is not None and not Path(cfg.data.path).exists():
         raise ConfigError("data.path", cfg.data.path, "an existing file or directory")
+    if cfg.logging.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logging.wandb_project", cfg.logging.wandb_project,
+                          "None here: the wandb package is not installed (pip install wandb)")
+    if cfg.data.eval_path is not None and not Path(cfg.data.eval_path).exists():
+        raise ConfigError("data.eval_path", cfg.data.eval_path, "an existing file or directory")
+    if cfg.data.eval_path is not None and cfg.data.source == "synthetic":
+        raise ConfigError("data.eval_path", cfg.data.eval_path, "None for synthetic data (held out by seed)")
     if cfg.data.image_root is not None and not Path(cfg.data.image_root).is_dir():
         raise ConfigError("data.image_root", cfg.data.image_root, "an existing directory")
     warmup_random = cfg.trainer.sft_warmup_steps and cfg.trainer.sft_warmup_answers == "random"
@@ -120,10 +135,10 @@ def build_run(cfg: VisualRFTConfig) -> RunContext:
     processor = build_qwen2vl_processor(tokenizer, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
 
     d = cfg.data
-    def load(seed: int, count: int):
+    def load(seed: int, count: int, *, path: str | None = d.path, k_shot: int | None = d.k_shot):
         records = load_records(
-            d.source, d.task, path=d.path, image_root=d.image_root, box_space=d.coord_space,
-            annotation_coord_space=d.annotation_coord_space, k_shot=d.k_shot, categories=d.categories,
+            d.source, d.task, path=path, image_root=d.image_root, box_space=d.coord_space,
+            annotation_coord_space=d.annotation_coord_space, k_shot=k_shot, categories=d.categories,
             num_synthetic=count, synthetic_kind=d.synthetic_kind, seed=seed, on_error=d.on_error,
         )  # fmt: skip
         examples, skips = preprocess_records(records, processor, box_space=d.coord_space, on_error=d.on_error)
@@ -136,9 +151,13 @@ def build_run(cfg: VisualRFTConfig) -> RunContext:
     if len(examples) < d.prompts_per_step:
         raise ConfigError("data.prompts_per_step", d.prompts_per_step,
                           f"at most the number of usable records ({len(examples)})")
-    # Held-out prompts for the final evaluation: synthetic data only (a fresh seed); datasets are
-    # evaluated with tools/evaluate.py on their own split.
-    eval_prompts = load(d.seed + 10_007, d.num_synthetic) if d.source == "synthetic" else []
+    # Held-out prompts for evaluation: data.eval_path, else a fresh seed of a synthetic task.
+    if d.eval_path is not None:
+        eval_prompts = load(d.seed, d.num_synthetic, path=d.eval_path, k_shot=None)
+    elif d.source == "synthetic":
+        eval_prompts = load(d.seed + 10_007, d.num_synthetic)
+    else:
+        eval_prompts = []
 
     dtype = DTYPES[cfg.model.dtype]
     if cfg.model.hf_path is None:
@@ -190,9 +209,8 @@ def build_run(cfg: VisualRFTConfig) -> RunContext:
         cfg=cfg, rank=rank, world_size=world, groups=groups,
         layout_dict={"tp": layout.tensor_parallel_size, "pp": layout.pipeline_parallel_size, "world": world},
         tokenizer=tokenizer, processor=processor, arch=chunks[0].arch, examples=examples,
-        reward_ground_truths=[to_reward_ground_truth(e) for e in examples],
         class_names=sorted({e.ground_truth.label for e in examples if e.ground_truth.label}),
-        eval_prompts=eval_prompts, eval_ground_truths=[to_reward_ground_truth(e) for e in eval_prompts],
+        eval_prompts=eval_prompts,
         actor=actor, reference=reference, engine=engine, batcher=batcher, sampling=sampling, stop_ids=stop_ids,
         pad_id=tokenizer.pad_token_id, reward_terms=terms, reward_options=options, on_gpu=device.type == "cuda",
         reference_offloader=reference_offloader,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from megatron_vrft.data import build_qwen2vl_processor, build_tiny_tokenizer, load_records, preprocess_records
-from megatron_vrft.data import to_reward_ground_truth
 from megatron_vrft.data.prompts import format_answer
 from megatron_vrft.rewards import compute_rewards
 
@@ -23,7 +22,7 @@ def test_format_answer_scores_full_marks(task):
     examples, _ = preprocess_records(load_records("synthetic", task, num_synthetic=6, box_space="norm_1000"), proc,
                                      box_space="norm_1000")
     texts = [format_answer(e.ground_truth, task) for e in examples]
-    scores = compute_rewards(texts, [to_reward_ground_truth(e) for e in examples], TERMS[task])
+    scores = compute_rewards(texts, [e.ground_truth for e in examples], TERMS[task])
     assert float(scores.scores["format"].min()) == 1.0
     for name, _ in TERMS[task][1:]:
         # integer rounding of the coordinates costs a little IoU, never a match

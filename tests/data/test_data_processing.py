@@ -23,7 +23,6 @@ from megatron_vrft.data import (
     convert_boxes,
     preprocess_record,
     preprocess_records,
-    to_reward_ground_truth,
 )
 
 PATCH = 14
@@ -187,21 +186,33 @@ def test_out_of_bounds_boxes_clip_with_count_or_raise():
         preprocess_records([_det_record(img, boxes, sid="oob")], proc, out_of_bounds="error")
 
 
-def test_reward_ground_truth_dicts_are_accepted_by_the_rewards_package():
+def test_one_ground_truth_type_from_data_to_rewards():
+    """Preprocessing maps the record's GroundTruth into the model's space as the same type, with
+    both sizes; the rewards take it as it is (no dict bridge)."""
+    from megatron_vrft import rewards
+    from megatron_vrft.data import ground_truth_in_model_space
     from megatron_vrft.rewards.types import as_ground_truth
 
+    assert GroundTruth is rewards.GroundTruth
     proc = tiny_processor(max_pixels=28 * 28 * 16)
     img = random_image(90, 70, seed=9)
-    ex = preprocess_record(_det_record(img, np.array([[5.0, 6.0, 40.0, 50.0]])), proc)
-    d = to_reward_ground_truth(ex)
-    assert d["box_space"] == "pixels_resized" and d["image_size"] == (90, 70)
-    assert d["resized_size"] == ex.resized_size and d["categories"] == ("thing",)
-    gt = as_ground_truth(d)
-    torch.testing.assert_close(
-        gt.boxes, torch.as_tensor(ex.ground_truth.boxes, dtype=torch.float64)
-    )
+    rec = _det_record(img, np.array([[5.0, 6.0, 40.0, 50.0]]))
+    assert rec.ground_truth.image_size == (90, 70) and rec.ground_truth.name == rec.source_id
+    ex = preprocess_record(rec, proc)
+    gt = ex.ground_truth
+    assert type(gt) is GroundTruth and gt.coord_space == "pixels_resized"
+    assert gt.image_size == (90, 70) and gt.resized_size == ex.resized_size and gt.categories == ("thing",)
+    assert gt.boxes.dtype == np.float64 and as_ground_truth(gt) is gt
+    # without preprocessing the image: the same mapping
+    mapped = ground_truth_in_model_space(rec, "pixels_resized", resized_size=ex.resized_size)
+    assert mapped == gt
+    with pytest.raises(ValueError, match="box_space must be one of"):
+        ground_truth_in_model_space(rec, "norm_1")
+    with pytest.raises(ValueError, match="resized_size"):
+        ground_truth_in_model_space(rec, "pixels_resized")
+    assert rewards.compute_rewards(["<answer>[]</answer>"], [gt], [("iou", 1.0)]).total.item() == 0.0
 
-    rec = VisualRecord(
+    grd = VisualRecord(
         source_id="g",
         task="grounding",
         images=[img],
@@ -209,10 +220,9 @@ def test_reward_ground_truth_dicts_are_accepted_by_the_rewards_package():
         ground_truth=GroundTruth(coord_space="norm_1", box=[0.1, 0.2, 0.5, 0.6]),
         image_size=(90, 70),
     )
-    g = to_reward_ground_truth(rec)
-    assert g["box_space"] == "norm_1000" and g["boxes"] is None and g["categories"] is None
-    np.testing.assert_allclose(g["box"], [100, 200, 500, 600])
-    as_ground_truth(g)
+    g = ground_truth_in_model_space(grd, "norm_1000")
+    assert g.coord_space == "norm_1000" and g.boxes is None and g.categories is None
+    np.testing.assert_allclose(g.box, [100, 200, 500, 600])
     cls = VisualRecord(
         source_id="c",
         task="classification",
@@ -220,9 +230,11 @@ def test_reward_ground_truth_dicts_are_accepted_by_the_rewards_package():
         problem="p",
         ground_truth=GroundTruth(label="cat", synonyms=("kitty",)),
     )
-    c = to_reward_ground_truth(cls)
-    assert c["label"] == "cat" and c["synonyms"] == ("kitty",) and c["box_space"] is None
-    as_ground_truth(c)
+    c = ground_truth_in_model_space(cls, "norm_1000")
+    assert c.label == "cat" and c.synonyms == ("kitty",) and c.coord_space is None
+    with pytest.raises(ValueError, match=r"c: image_size \(90, 70\) but the ground truth's is \(9, 7\)"):
+        VisualRecord(source_id="c", task="classification", images=[img], problem="p",
+                     ground_truth=GroundTruth(label="cat", image_size=(9, 7)), image_size=(90, 70))
 
 
 def test_one_coordinate_module_serves_data_rewards_and_eval():

@@ -286,7 +286,7 @@ def test_coco_group_by_image_subsets_and_crowd(tmp_path):
 
 
 def test_coco_crowd_regions_kept_apart_from_training_boxes(tmp_path):
-    from megatron_vrft.data import SkipCounts, to_reward_ground_truth
+    from megatron_vrft.data import SkipCounts
     from megatron_vrft.data.records import GroundTruth, check_ground_truth_boxes
 
     path, data = _write_coco(tmp_path)
@@ -309,9 +309,8 @@ def test_coco_crowd_regions_kept_apart_from_training_boxes(tmp_path):
     # the crowd-only (image, category) pair is no record; the training ground truth is unchanged
     assert [r.source_id for r in rs] == [r.source_id for r in before]
     for old, r in zip(before, rs):
-        assert to_reward_ground_truth(r).keys() == to_reward_ground_truth(old).keys()
-        for key in ("boxes", "categories"):
-            np.testing.assert_array_equal(to_reward_ground_truth(r)[key], to_reward_ground_truth(old)[key])
+        np.testing.assert_array_equal(r.ground_truth.boxes, old.ground_truth.boxes)
+        assert r.ground_truth.categories == old.ground_truth.categories
         if r.metadata["image_id"] == 100 and r.metadata["category_ids"] == [cat_a]:
             np.testing.assert_array_equal(r.ground_truth.crowd_boxes, [xyxy(crowd_a)])
             assert r.ground_truth.crowd_categories == (name[cat_a],)
@@ -352,8 +351,10 @@ def test_coco_crowd_regions_kept_apart_from_training_boxes(tmp_path):
                                   on_error="skip")
     assert len(skipped) == len(before_by_image) - 1 and skipped.skips.counts["bad_annotation"] == 1
     with pytest.raises(ValueError, match="1 crowd boxes but 0 crowd category names"):
-        GroundTruth(boxes=np.zeros((0, 4)), crowd_boxes=np.ones((1, 4)))
-    assert GroundTruth(boxes=np.zeros((0, 4))).crowd_boxes is None
+        GroundTruth(boxes=np.zeros((0, 4)), crowd_boxes=np.ones((1, 4)), coord_space="pixels_original")
+    assert GroundTruth(boxes=np.zeros((0, 4)), coord_space="pixels_original").crowd_boxes is None
+    with pytest.raises(ValueError, match=r"ground_truth\.coord_space: .*required with boxes"):
+        GroundTruth(boxes=np.zeros((0, 4)))
 
 
 # ---------------------------------------------------------------- image folder

@@ -12,7 +12,6 @@ from megatron_vrft.data import (
     build_synthetic_detection,
     build_synthetic_grounding,
     preprocess_records,
-    to_reward_ground_truth,
 )
 
 
@@ -40,8 +39,8 @@ def test_detection_and_grounding_answers_from_ground_truth_score_high(box_space)
         proc,
         box_space=box_space,
     )
-    gts = [to_reward_ground_truth(e) for e in det]
-    assert all(g["box_space"] == box_space for g in gts)
+    gts = [e.ground_truth for e in det]
+    assert all(g.coord_space == box_space for g in gts)
     good = [_det_answer(e.ground_truth.boxes) for e in det]
     bad = [
         _det_answer(e.ground_truth.boxes, shift=40.0 if box_space == "pixels_resized" else 300.0)
@@ -59,7 +58,7 @@ def test_detection_and_grounding_answers_from_ground_truth_score_high(box_space)
     grd, _ = preprocess_records(
         build_synthetic_grounding(3, seed=1, image_size=(150, 110)), proc, box_space=box_space
     )
-    ggts = [to_reward_ground_truth(e) for e in grd]
+    ggts = [e.ground_truth for e in grd]
     answers = [
         "<think>.</think> <answer>["
         + ", ".join(str(int(round(v))) for v in e.ground_truth.box)
@@ -74,7 +73,7 @@ def test_classification_answers_score_exactly():
     rewards = _rewards()
     proc = tiny_processor(max_pixels=28 * 28 * 16)
     cls, _ = preprocess_records(build_synthetic_classification(3, seed=0, kind="shape"), proc)
-    gts = [to_reward_ground_truth(e) for e in cls]
+    gts = [e.ground_truth for e in cls]
     right = [f"<think>.</think> <answer>{e.ground_truth.label}</answer>" for e in cls]
     wrong = ["<think>.</think> <answer>hexagon</answer>"] * len(cls)
     acc = rewards.get_reward("accuracy").fn

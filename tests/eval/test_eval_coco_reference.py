@@ -1,8 +1,8 @@
 """Detection mAP from completions against pycocotools' COCOeval run independently on the same boxes.
 
 A synthetic COCO instance file (images of many sizes and aspect ratios, crowd regions) goes through
-the COCO reader, the rewards' ground-truth dicts (``to_reward_ground_truth``) and
-``evaluate_completions``; completions answer in the model's box space with case/punctuation
+the COCO reader, the one ``GroundTruth`` mapped into the model's space
+(``ground_truth_in_model_space``, crowd regions included) and ``evaluate_completions``; completions answer in the model's box space with case/punctuation
 variants of the category names. The reference builds COCOeval straight from the instance JSON and
 the answers' boxes mapped back to original pixels by this file's own arithmetic, with category ids
 known from how each answer was generated (not from parsing its label).
@@ -11,6 +11,7 @@ known from how each answer was generated (not from parsing its label).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -20,9 +21,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from megatron_vrft.data import read_coco_detection, to_reward_ground_truth
+from megatron_vrft.data import GroundTruth, ground_truth_in_model_space, read_coco_detection
 from megatron_vrft.eval.detection_map import ImageDetections, compute_box_map
-from megatron_vrft.eval.evaluate import evaluate_completions, evaluate_detection, with_crowd_regions
+from megatron_vrft.eval.evaluate import evaluate_completions, evaluate_detection
 
 CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 4, "name": "dog"}, {"id": 9, "name": "traffic light"}]
 # how a model may write each category (the evaluation must match these with the rewards' rule)
@@ -162,10 +163,9 @@ def run_case(tmp_path, space, group_by, seed=0):
         img_id = r.metadata["image_id"]
         w, h = sizes[img_id]
         resized = resized_size(w, h) if space == "pixels_resized" else None
-        gt = to_reward_ground_truth(r, box_space=space, resized_size=resized)
-        gts_plain.append(gt)
-        g = r.ground_truth
-        gts_crowd.append(with_crowd_regions(gt, g.crowd_boxes, g.crowd_categories, crowd_space=g.coord_space))
+        gt = ground_truth_in_model_space(r, space, resized_size=resized)
+        gts_crowd.append(gt)
+        gts_plain.append(dataclasses.replace(gt, crowd_boxes=None, crowd_categories=()))
         entries = []
         for box, s, cat, lab in preds[img_id]:
             if group_by == "image_category":
@@ -184,7 +184,7 @@ def run_case(tmp_path, space, group_by, seed=0):
 @pytest.mark.parametrize("space", ["pixels_original", "norm_1000", "pixels_resized"])
 def test_map_from_completions_equals_independent_cocoeval(tmp_path, space, group_by):
     data, dets, completions, gts_crowd, gts_plain = run_case(tmp_path, space, group_by)
-    assert len(dets) > 30 and sum(len(g["crowd_boxes"]) for g in gts_crowd) >= 3
+    assert len(dets) > 30 and sum(len(g.crowd_boxes) for g in gts_crowd) >= 3
     ours = evaluate_completions("detection", completions, gts_crowd)
     ref = reference_coco_eval(data, dets)
     assert ours["parse_failures"] == {}
@@ -196,7 +196,7 @@ def test_map_from_completions_equals_independent_cocoeval(tmp_path, space, group
     ref_no_crowd = reference_coco_eval(data, dets, with_crowd=False)
     assert ref["mAP"] - ref_no_crowd["mAP"] > 0.02
     assert ref["AP50"] - ref_no_crowd["AP50"] > 0.02
-    # ... and the same pipeline without the crowd keys reproduces exactly that number
+    # ... and the same pipeline without the crowd regions reproduces exactly that number
     plain = evaluate_completions("detection", completions, gts_plain)
     assert plain["mAP"] - ref_no_crowd["mAP"] == 0.0
     # Old behaviour 2: labels compared verbatim -> every "Cat" / "traffic_light" answer dropped.
@@ -237,7 +237,7 @@ def test_case_variant_labels_score_like_pycocotools():
             entries.append((b, s, "Cat"))
             dets.append((i + 1, b, s, 1))
         completions.append(completion(entries))
-        gts.append({"boxes": np.asarray(gt_boxes), "categories": ("cat", "cat"), "box_space": "pixels_original",
+        gts.append({"boxes": np.asarray(gt_boxes), "categories": ("cat", "cat"), "coord_space": "pixels_original",
                     "image_size": (w, h)})
     ours = evaluate_detection(completions, gts)
     ref = reference_coco_eval(data, dets)
@@ -278,7 +278,7 @@ def test_category_and_crowd_input_errors():
     img.crowd_categories = ["zebra"]
     with pytest.raises(ValueError, match="crowd-region category 'zebra'"):
         compute_box_map([img], ["cat"])
-    gt = {"boxes": np.array([[1, 1, 5, 5.0]]), "categories": ("cat",), "box_space": "pixels_original",
+    gt = {"boxes": np.array([[1, 1, 5, 5.0]]), "categories": ("cat",), "coord_space": "pixels_original",
           "crowd_boxes": np.array([[0, 0, 3, 3.0]]), "crowd_categories": ("cat", "dog")}
     with pytest.raises(ValueError, match="one category per crowd box"):
         evaluate_detection(["<answer>[]</answer>"], [gt])
@@ -287,10 +287,12 @@ def test_category_and_crowd_input_errors():
         evaluate_detection(["<answer>[]</answer>"], [gt])
 
 
-def test_with_crowd_regions_maps_into_the_ground_truth_space():
-    gt = {"boxes": np.zeros((0, 4)), "categories": (), "box_space": "pixels_resized", "image_size": (400, 100),
-          "resized_size": (56, 28)}
-    out = with_crowd_regions(gt, np.array([[100.0, 50.0, 200.0, 100.0]]), ["cat"], crowd_space="pixels_original")
-    np.testing.assert_allclose(out["crowd_boxes"], [[14.0, 14.0, 28.0, 28.0]])
-    assert out["crowd_categories"] == ("cat",) and "crowd_boxes" not in gt
-    assert with_crowd_regions(gt, None, (), crowd_space="pixels_original") == gt
+def test_crowd_regions_map_into_the_model_space_with_the_ground_truth():
+    gt = GroundTruth(boxes=np.zeros((0, 4)), categories=(), crowd_boxes=np.array([[100.0, 50.0, 200.0, 100.0]]),
+                     crowd_categories=["cat"], coord_space="pixels_original", image_size=(400, 100))
+    out = gt.in_space("pixels_resized", resized_size=(56, 28))
+    np.testing.assert_allclose(out.crowd_boxes, [[14.0, 14.0, 28.0, 28.0]])
+    assert out.crowd_categories == ("cat",) and out.resized_size == (56, 28)
+    np.testing.assert_array_equal(gt.crowd_boxes, [[100.0, 50.0, 200.0, 100.0]])  # unchanged
+    back = out.in_space("pixels_original")
+    np.testing.assert_allclose(back.crowd_boxes, gt.crowd_boxes)

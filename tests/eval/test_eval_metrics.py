@@ -160,6 +160,52 @@ def test_grounding_metrics_match_float64_loop():
     assert out["num_unparsed"] == float((~valid).sum())
 
 
+def grounding_reference(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray, t: float) -> dict:
+    """Every grounding metric in float64 numpy, vectorised (degenerate or inverted boxes have area 0;
+    an unparsed prediction scores IoU 0, GIoU -1 and contributes the ground-truth area to the union)."""
+    area = lambda b: np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)  # noqa: E731
+    iw = np.clip(np.minimum(pred[:, 2], gt[:, 2]) - np.maximum(pred[:, 0], gt[:, 0]), 0, None)
+    ih = np.clip(np.minimum(pred[:, 3], gt[:, 3]) - np.maximum(pred[:, 1], gt[:, 1]), 0, None)
+    inter = iw * ih
+    union = area(pred) + area(gt) - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    cw = np.clip(np.maximum(pred[:, 2], gt[:, 2]) - np.minimum(pred[:, 0], gt[:, 0]), 0, None)
+    ch = np.clip(np.maximum(pred[:, 3], gt[:, 3]) - np.minimum(pred[:, 1], gt[:, 1]), 0, None)
+    enclosing = cw * ch
+    giou = iou - np.divide(enclosing - union, enclosing, out=np.zeros_like(inter), where=enclosing > 0)
+    iou, giou = np.where(valid, iou, 0.0), np.where(valid, giou, -1.0)
+    inter, union = np.where(valid, inter, 0.0), np.where(valid, union, area(gt))
+    return {"mIoU": iou.mean(), "mGIoU": giou.mean(), "cIoU": inter.sum() / union.sum(),
+            f"Acc@{t:g}": (iou > t).mean(), "num_unparsed": float((~valid).sum())}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_grounding_metrics_match_numpy_formula(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 80))
+    gt = random_boxes(rng, n)
+    pred = gt + rng.normal(0, rng.uniform(1, 40), size=(n, 4))  # some far off, some inverted
+    pred[rng.random(n) < 0.1] = random_boxes(rng, 1)  # disjoint-ish: GIoU < 0
+    valid = rng.random(n) > 0.25  # unparsed predictions (their box is ignored)
+    out = compute_grounding_metrics(torch.from_numpy(pred), torch.from_numpy(gt), torch.from_numpy(valid))
+    want = grounding_reference(pred, gt, valid, 0.5)
+    for key, value in want.items():
+        assert out[key] == pytest.approx(float(value), rel=1e-12, abs=1e-15), key
+    assert -1.0 <= out["mGIoU"] <= out["mIoU"] <= 1.0
+
+
+def test_grounding_giou_orders_misses_by_distance():
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 3, dtype=torch.float64)
+    pred = torch.tensor([[11.0, 0.0, 21.0, 10.0], [50.0, 0.0, 60.0, 10.0], [0.0, 0.0, 10.0, 10.0]],
+                        dtype=torch.float64)
+    near = compute_grounding_metrics(pred[:1], gt[:1])
+    far = compute_grounding_metrics(pred[1:2], gt[1:2])
+    assert near["mIoU"] == far["mIoU"] == 0.0 and near["mGIoU"] > far["mGIoU"] > -1.0
+    assert near["mGIoU"] == pytest.approx(0 - (21 * 10 - 200) / (21 * 10))
+    unparsed = compute_grounding_metrics(pred, gt, torch.tensor([True, True, False]))
+    assert unparsed["mGIoU"] == pytest.approx((near["mGIoU"] + far["mGIoU"] - 1.0) / 3)
+
+
 def test_grounding_metrics_reject_bad_shapes():
     with pytest.raises(ValueError, match="two \\(N, 4\\)"):
         compute_grounding_metrics(torch.zeros(3, 4), torch.zeros(2, 4))

@@ -1,5 +1,8 @@
 """Full-size name/shape checks on the meta device: Qwen2-VL-2B/7B, Qwen2.5-VL-3B/7B public configs.
 
+The name table (``PARAM_TABLE``) is checked complete and consistent against both references: every HF
+tensor and every megatron-core parameter maps to exactly one row, and back.
+
 Independent references: the HF model built on ``meta`` from the public config (names and shapes of
 every HF tensor), and megatron-core's ``GPTModel`` built on ``meta`` with the project's layer spec and
 config (names and TP=1 shapes of every language-model tensor, per pipeline stage). TP > 1 shapes are
@@ -18,12 +21,18 @@ import torch
 from transformers import CONFIG_MAPPING, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from megatron_vrft.models.qwen2_vl.state_dict_adapter import (
+    PARAM_TABLE,
     as_arch,
     compute_vocab_padded_size,
+    expand_param_table,
+    find_hf_mapping,
+    find_megatron_mapping,
+    hf_export_order,
     hf_hub_name,
     hf_param_shapes,
     hf_to_megatron_shard,
     megatron_param_shapes,
+    tp_split_axis,
 )
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "conversion_public_qwen_vl_configs.json"
@@ -182,3 +191,58 @@ def test_te_names_are_mcore_fused_norm_names():
         renamed[key] = shape
     assert renamed == te
     assert "language_model.decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in te
+
+
+# ----------------------------------------------------------------------------------------------
+# The name table (PARAM_TABLE): complete and consistent on the real configs
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_every_hf_tensor_maps_to_exactly_one_row_and_back(name):
+    config = public_config(name)
+    arch = as_arch(config)
+    hf = hf_meta_state(config)
+    if arch.tie_word_embeddings:
+        hf.pop("lm_head.weight")
+    bound = expand_param_table(arch)
+    exported = [n for b in bound for n in b.hf]
+    assert sorted(exported) == sorted(hf), set(exported) ^ set(hf)  # each HF tensor exactly once
+    assert hf_export_order(exported) == list(hf)  # HF's own state-dict order
+    for b in bound:
+        for i, hf_name in enumerate(b.hf):
+            matches = [(row, j) for row in PARAM_TABLE for j, t in enumerate(row.hf) if _matches(t, hf_name)]
+            assert matches == [(b.mapping, i)], hf_name
+            row, j, fields = find_hf_mapping(hf_name)
+            assert (row, j) == (b.mapping, i)
+            assert row.megatron.format(**fields) == b.global_megatron  # and back
+        row, fields = find_megatron_mapping(b.global_megatron)
+        assert row is b.mapping and tuple(h.format(**fields) for h in row.hf) == b.hf
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_every_mcore_parameter_maps_to_exactly_one_row(mcore_world, name):
+    arch = as_arch(public_config(name))
+    tp = 2
+    vp = compute_vocab_padded_size(arch.vocab_size, make_vocab_size_divisible_by=128, tp_size=tp)
+    for pp in (1, 2):
+        for rank in range(pp):
+            ref = mcore_meta_params(arch, pp=pp, pre=rank == 0, post=rank == pp - 1, vocab_padded_size=vp)
+            bound = {b.megatron: b for b in expand_param_table(arch, pp_rank=rank, pp_size=pp)}
+            assert {k for k in bound if k.startswith(LM)} == ref.keys(), (pp, rank)
+            for key, (_, partition_dim) in ref.items():
+                rows = [row for row in PARAM_TABLE if _matches(row.megatron, key)]
+                assert rows == [bound[key].mapping], key
+                assert find_megatron_mapping(key)[0] is rows[0]
+                assert rows[0].tp_axis == partition_dim, key  # TP axis = mcore's partition_dim
+                assert tp_split_axis(key) == partition_dim
+            # The TE spec's names: the local spec's, renamed as mcore's checkpoint key map does.
+            te = [b.megatron for b in expand_param_table(arch, layer_spec="te", pp_rank=rank, pp_size=pp)]
+            assert [find_megatron_mapping(n)[0] for n in te] == [b.mapping for b in bound.values()]
+
+
+def _matches(template: str, name: str) -> bool:
+    import re
+
+    parts = re.split(r"(\{layer\}|\{name\})", template)
+    regex = "".join({"{layer}": "[0-9]+", "{name}": ".+"}.get(p) or re.escape(p) for p in parts)
+    return re.fullmatch(regex, name) is not None

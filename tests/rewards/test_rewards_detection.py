@@ -73,7 +73,7 @@ def answer(preds, quote="'") -> str:
 
 
 def gt(boxes, **kw):
-    return {"boxes": boxes, "box_space": kw.pop("box_space", "norm_1000"), **kw}
+    return {"boxes": boxes, "coord_space": kw.pop("coord_space", "norm_1000"), **kw}
 
 
 def scores(completion, g, **kw) -> tuple[float, float]:
@@ -214,14 +214,14 @@ def test_coordinate_spaces() -> None:
     size = (640, 480)
     box_px = [64.0, 48.0, 320.0, 240.0]
     box_norm = [100, 100, 500, 500]
-    g = gt([box_px], box_space="pixels_original", image_size=size)
+    g = gt([box_px], coord_space="pixels_original", image_size=size)
     assert scores(answer([(box_norm, 0.9)]), g, pred_space="norm_1000") == pytest.approx((1.0, 0.9))
     # same numbers read as pixels would be wrong
     assert scores(answer([(box_norm, 0.9)]), g)[0] < 0.5
-    g2 = gt([[28.0, 28.0, 140.0, 112.0]], box_space="pixels_resized", resized_size=(280, 224))
+    g2 = gt([[28.0, 28.0, 140.0, 112.0]], coord_space="pixels_resized", resized_size=(280, 224))
     assert scores(answer([([100, 125, 500, 500], 0.5)]), g2, pred_space="norm_1000") == pytest.approx((1.0, 0.5))
     with pytest.raises(ValueError, match="resized_size"):
-        scores(wrap("garbage"), gt([box_px], box_space="pixels_resized"), pred_space="norm_1000")
+        scores(wrap("garbage"), gt([box_px], coord_space="pixels_resized"), pred_space="norm_1000")
 
 
 def test_match_categories_and_default_confidence() -> None:
@@ -261,7 +261,7 @@ def test_failure_reasons_table() -> None:
 
 
 _FUZZ_GTS = [
-    GroundTruth(boxes=b, box_space="norm_1000")
+    GroundTruth(boxes=b, coord_space="norm_1000")
     for b in ([], [A], [[100, 100, 400, 400], [500, 500, 900, 700]], [[0, 0, 1000, 1000]] * 3)
 ]
 
@@ -294,3 +294,13 @@ def test_reward_wrappers_are_the_shared_columns() -> None:
     assert iou.reasons == conf.reasons == s.reasons == [None, "no_answer_tag", None]
     assert iou.failures == conf.failures and iou.failures.num_failed() == 1
     assert iou.scores.dtype == torch.float32 and iou.scores.shape == (3,)
+
+
+def test_crowd_regions_never_reach_matching() -> None:
+    """Crowd regions ride on the one GroundTruth for evaluation; the rewards match ``boxes`` only."""
+    crowd = [[50, 50, 90, 90]]
+    g = GroundTruth(boxes=[A], categories=["cat"], crowd_boxes=crowd, crowd_categories=["cat"], coord_space="norm_1000")
+    assert scores(answer([(crowd[0], 0.9)]), g) == (0.0, pytest.approx(0.1))
+    assert scores(answer([(A, 0.9), (crowd[0], 0.5)]), g) == (0.5, pytest.approx(0.7))
+    no_objects = GroundTruth(boxes=[], crowd_boxes=crowd, crowd_categories=["cat"], coord_space="norm_1000")
+    assert scores(answer([(crowd[0], 1.0)]), no_objects) == (0.0, 0.0)

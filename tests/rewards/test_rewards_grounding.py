@@ -43,7 +43,7 @@ def ref_iou_giou(a, b) -> tuple[float, float]:
 
 
 def _gt(box, space="norm_1000", **kw) -> dict:
-    return {"box": box, "box_space": space, **kw}
+    return {"box": box, "coord_space": space, **kw}
 
 
 def test_iou_giou_match_float64_formula_on_random_boxes() -> None:
@@ -162,15 +162,23 @@ def test_grounding_converts_prediction_into_gt_space() -> None:
 def test_bad_ground_truth_raises() -> None:
     with pytest.raises(ValueError, match=r"ground_truths\[0\]\.box: grounding rewards need"):
         grounding_iou_reward([wrap("[1,2,3,4]")], [{"label": "x"}])
-    with pytest.raises(ValueError, match=r"ground_truths\[0\]\.box_space"):
+    with pytest.raises(ValueError, match=r"ground_truths\[0\]\.coord_space"):
         grounding_iou_reward([wrap("[1,2,3,4]")], [{"box": [0, 0, 1, 1]}])
     with pytest.raises(ValueError, match=r"ground_truths\[0\]\.box: inverted"):
-        GroundTruth(box=[5, 0, 1, 1], box_space="norm_1000", index=0)
+        GroundTruth(box=[5, 0, 1, 1], coord_space="norm_1000", name="ground_truths[0]")
     with pytest.raises(ValueError, match="non-finite"):
-        GroundTruth(boxes=[[0, 0, float("nan"), 1]], box_space="norm_1000")
+        GroundTruth(boxes=[[0, 0, float("nan"), 1]], coord_space="norm_1000")
+    # a typed ground truth's error names the batch position and the record
+    with pytest.raises(ValueError, match=r"ground_truths\[1\] \(coco: image 7\)\.box: grounding rewards need"):
+        grounding_iou_reward([wrap("[1,2,3,4]")] * 2, [_gt([0, 0, 1, 1]), GroundTruth(label="x", name="coco: image 7")])
+    # "norm_1" is an annotation space: the rewards need the ground truth mapped into a model space first
+    norm1 = GroundTruth(box=[0.1, 0.1, 0.5, 0.5], coord_space="norm_1")
+    with pytest.raises(ValueError, match=r"ground_truths\[0\]\.coord_space: box rewards need"):
+        grounding_iou_reward([wrap("[1,2,3,4]")], [norm1])
+    assert grounding_iou_reward([wrap("[100, 100, 500, 500]")], [norm1.in_space("norm_1000")]).scores.item() == 1.0
 
 
-_FUZZ_GT = [GroundTruth(box=b, box_space="norm_1000") for b in ([0, 0, 1000, 1000], [100, 200, 300, 400], [5, 5, 6, 6])]
+_FUZZ_GT = [GroundTruth(box=b, coord_space="norm_1000") for b in ([0, 0, 1000, 1000], [100, 200, 300, 400], [5, 5, 6, 6])]
 
 
 @FUZZ

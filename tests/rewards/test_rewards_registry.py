@@ -37,7 +37,7 @@ def test_register_raises_on_duplicates_and_bad_ranges() -> None:
     assert available_rewards() == ALL  # nothing was added by the failed registrations
 
 
-DET_GT = {"boxes": [[0, 0, 10, 10]], "box_space": "norm_1000", "label": "cat", "box": [0, 0, 10, 10]}
+DET_GT = {"boxes": [[0, 0, 10, 10]], "coord_space": "norm_1000", "label": "cat", "box": [0, 0, 10, 10]}
 COMPLETIONS = [
     wrap("[{'Position': [0, 0, 10, 10], 'Confidence': 0.8}]"),
     wrap("[{'Position': [0, 0, 10, 6], 'Confidence': 0.5}, {'Position': [50, 50, 60, 60], 'Confidence': 0.1}]"),

@@ -5,9 +5,9 @@ from megatron_vrft.rewards import compute_rewards
 from megatron_vrft.rollout.scripted import ScriptedPolicy
 
 DET_GT = {"boxes": np.array([[10.0, 20.0, 60.0, 90.0], [100.0, 40.0, 150.0, 80.0]]),
-          "categories": ["star", "star"], "box_space": "pixels_resized", "resized_size": (224, 168),
+          "categories": ["star", "star"], "coord_space": "pixels_resized", "resized_size": (224, 168),
           "image_size": (224, 168)}
-GROUND_GT = {"box": np.array([30.0, 30.0, 90.0, 120.0]), "box_space": "pixels_resized",
+GROUND_GT = {"box": np.array([30.0, 30.0, 90.0, 120.0]), "coord_space": "pixels_resized",
              "resized_size": (224, 168), "image_size": (224, 168)}
 CLS_GT = {"label": "cat", "synonyms": ["kitty"]}
 

@@ -119,14 +119,19 @@ def test_second_update_is_followed(fx, refs, engine, new_weights):
     assert diff_old > 1e-2  # the update changed what vLLM computes, vision tower included
 
 
-def test_bad_updates_named_and_nothing_loaded(fx, engine):
+def test_bad_updates_named_then_a_complete_update_recovers(fx, engine):
+    """Tensors stream into vLLM (nothing is held back), so a bad update is named, leaves the engine
+    refusing to generate, and the next complete update restores exactly the same engine."""
     from megatron_vrft.rollout.hf_engine import WeightUpdateError
 
-    before = engine.generate(fx.prompts[:2], _sampling(fx), seed=SEED)
     good = dict(fx.source.weights)
+    engine.update_weights(good.items())
+    before = engine.generate(fx.prompts[:2], _sampling(fx), seed=SEED)
     missing = {k: v for k, v in good.items() if k != "model.language_model.layers.1.mlp.down_proj.weight"}
     with pytest.raises(WeightUpdateError, match=r"missing \['model\.layers\.1\.mlp\.down_proj\.weight'\]"):
         engine.update_weights(missing.items())
+    with pytest.raises(RuntimeError, match="partly replaced"):
+        engine.generate(fx.prompts[:2], _sampling(fx), seed=SEED)
     with pytest.raises(WeightUpdateError, match=r"unexpected \['model\.layers\.7\.mlp\.up_proj\.weight'\]"):
         engine.update_weights([*good.items(), ("model.layers.7.mlp.up_proj.weight", torch.zeros(3))])
     shaped = dict(good, **{"model.visual.merger.mlp.0.weight": torch.zeros(5, 5)})
@@ -134,9 +139,39 @@ def test_bad_updates_named_and_nothing_loaded(fx, engine):
         engine.update_weights(shaped.items())
     with pytest.raises(WeightUpdateError, match="twice"):
         engine.update_weights([*good.items(), ("lm_head.weight", good["lm_head.weight"])])
+    engine.update_weights(good.items())
     after = engine.generate(fx.prompts[:2], _sampling(fx), seed=SEED)
     assert all(torch.equal(a, b) for a, b in zip(before.response_ids, after.response_ids))
     assert all(torch.equal(a, b) for a, b in zip(before.sampling_logprobs, after.sampling_logprobs))
+
+
+def test_update_streams_without_holding_the_tensors(fx, engine):
+    """The engine drops each tensor once loaded: at most one layer's tensors are alive at a time
+    (vLLM's layerwise reload waits for a layer's weights to be complete), never the whole update."""
+    import re
+    import weakref
+    from collections import Counter
+
+    alive: list[weakref.ref] = []
+
+    def stream():
+        for name, tensor in fx.source.weights.items():
+            copy = tensor.clone()
+            alive.append(weakref.ref(copy))
+            yield name, copy
+            del copy
+
+    counts = []
+
+    def counting():
+        for item in stream():
+            counts.append(sum(r() is not None for r in alive))
+            yield item
+
+    engine.update_weights(counting())
+    assert len(alive) == len(fx.source.weights) > 20
+    per_layer = Counter(re.sub(r"\.(layers|blocks)\.(\d+)\..*", r".\1.\2", n) for n in fx.source.weights)
+    assert max(counts) <= max(per_layer.values()) + 1 < len(alive) // 2, (max(counts), per_layer.most_common(2))
 
 
 def test_image_tokens_never_sampled(fx, engine):

@@ -35,7 +35,7 @@ def perfect_predictions(cfg, tmp_path, drop_last=False):
     for record in records:
         size = data.read_image_size(record.images[0])
         resized = data.compute_resized_size(*size, processor)
-        gt = data.to_reward_ground_truth(record, box_space=cfg.data.coord_space, resized_size=resized)
+        gt = data.ground_truth_in_model_space(record, cfg.data.coord_space, resized_size=resized)
         rows.append({"source_id": record.source_id, "completion": policy.sample(cfg.data.task, gt, 1)[0]})
     if drop_last:
         rows = rows[:-1]

@@ -1,6 +1,6 @@
 """``tools/evaluate.py --checkpoint``: generates with the transformers engine from an HF checkpoint,
 writes predictions / metrics / report / PNG, resumes without re-generating, and names bad inputs in
-one line."""
+one line; a Megatron checkpoint of the same weights (TP-chunked on disk) answers identically."""
 
 from __future__ import annotations
 
@@ -58,4 +58,19 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     proc = run("--config", ROOT / "examples" / "configs" / "tiny_cpu.yaml", "--checkpoint", tmp_path / "nope",
                "--output-dir", tmp_path)
     assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and "nope" in proc.stderr and "no config.json" in proc.stderr
+    assert "Traceback" not in proc.stderr and "nope" in proc.stderr and "config.json" in proc.stderr
+
+
+def test_megatron_checkpoint_answers_like_the_hf_one(checkpoint, tmp_path):
+    from megatron_vrft.models.conversion import convert_hf_to_megatron
+
+    megatron = convert_hf_to_megatron(checkpoint, tmp_path / "mg", tp_size=2, progress=False)
+    common = ["--config", ROOT / "examples" / "configs" / "tiny_cpu.yaml", "--batch-size", "4",
+              "data.num_synthetic=6", "rollout.max_new_tokens=8"]
+    answers = {}
+    for name, ckpt in (("hf", checkpoint), ("megatron", megatron)):
+        proc = run(*common, "--checkpoint", ckpt, "--output-dir", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        answers[name] = sorted((tmp_path / name / "predictions.jsonl").read_text().splitlines())
+    assert len(answers["hf"]) == 6
+    assert answers["megatron"] == answers["hf"]

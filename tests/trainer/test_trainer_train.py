@@ -5,7 +5,10 @@ several micro-batches per step). The uninterrupted run at (TP, PP) = (2, 1) is t
 
 - (1, 1) with DP = 2 and (1, 2) give the same per-step losses and rewards within 1e-4;
 - kill -9 (SIGKILL) in the middle of step 4, or while checkpoint 4 is being written, then resume:
-  steps 3-5 equal the reference and no incomplete checkpoint is left.
+  steps 3-5 equal the reference and no incomplete checkpoint is left;
+- a checkpoint written at (2, 1) resumes at (1, 2) (model and optimizer resharded by megatron-core)
+  and the run goes on as the reference does;
+- a training checkpoint is also a model checkpoint: converted to HF it equals the HF export.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
     "data.num_synthetic=16", "data.prompts_per_step=8", "rollout.num_generations=4", "rollout.max_new_tokens=8",
-    "rollout.prompts_per_call=2", "trainer.sft_warmup_steps=2", "trainer.num_steps=3", "trainer.save_interval=2",
+    "rollout.prompts_per_call=2", "trainer.sft_warmup_steps=2", "trainer.num_steps=3", "trainer.save_interval=2", "trainer.eval_interval=2",
     "trainer.micro_batch_tokens=1200", "logging.progress_bar=false", "logging.plots=false",
     "logging.tensorboard=false", "optimizer.warmup_steps=0",
 ]  # fmt: skip
@@ -38,12 +41,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def train(out: Path, tp: int, pp: int, *, fault: str | None = None) -> subprocess.CompletedProcess:
+def train(out: Path, tp: int, pp: int, *, fault: str | None = None, dp: int = 1) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # torch reference ops: fast
     env["OMP_NUM_THREADS"] = "1"
     if fault:
         env["MEGATRON_VRFT_FAULT"] = fault
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(2 * dp), "--master_port", str(_port()),
            str(ROOT / "tools" / "train.py"), "--config", str(ROOT / "examples" / "configs" / "tiny_cpu.yaml"),
            *SMALL, f"parallel.tensor_parallel_size={tp}", f"parallel.pipeline_parallel_size={pp}",
            f"trainer.output_dir={out}"]  # fmt: skip
@@ -71,6 +74,12 @@ def reference(tmp_path_factory) -> dict[int, dict]:
     assert proc.returncode == 0, proc.stderr[-4000:]
     recs = records(out)
     assert sorted(recs) == [1, 2, 3, 4, 5]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if r.get("phase") == "eval"}
+    assert sorted(evals) == [2, 4, 5]  # trainer.eval_interval=2, and at the end
+    for r in evals.values():  # the task metric of tools/evaluate.py, on the 16 held-out prompts
+        assert r["eval/num_prompts"] == 16 and 0.0 <= r["eval/task/accuracy"] <= 1.0
+        assert r["eval/task/num_samples"] == 16
     assert (out / "hf_checkpoint" / "config.json").exists()
     assert (out / "checkpoints" / "latest").read_text() == "step_000005"
     return recs
@@ -102,3 +111,27 @@ def test_kill_9_then_resume_is_exact(reference, tmp_path, fault):
     assert_same(reference, got, range(1, 6), 1e-6)
     assert not list(ckpts.glob("*.incomplete"))
     assert (ckpts / "latest").read_text() == "step_000005"
+
+
+def test_resume_at_another_layout(reference, tmp_path):
+    crashed = train(tmp_path, 2, 1, fault="step@4")
+    assert crashed.returncode != 0
+    resumed = train(tmp_path, 1, 2)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    log = resumed.stderr + resumed.stdout
+    assert "resharding checkpoint" in log and "'tp': 2" in log
+    assert_same(reference, records(tmp_path), range(1, 6), 1e-4)
+
+
+def test_training_checkpoint_converts_to_the_hf_export(reference, tmp_path_factory):
+    from safetensors.torch import load_file
+
+    from megatron_vrft.models.conversion import convert_megatron_to_hf
+
+    out = next(tmp_path_factory.getbasetemp().glob("ref*"))
+    hf = convert_megatron_to_hf(out / "checkpoints" / "step_000005", tmp_path_factory.mktemp("conv") / "hf", progress=False)
+    got = {k: v for f in sorted(hf.glob("*.safetensors")) for k, v in load_file(f).items()}
+    want = {k: v for f in sorted((out / "hf_checkpoint").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert sorted(got) == sorted(want) and len(want) > 20
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and bool((got[name] == tensor).all()), name

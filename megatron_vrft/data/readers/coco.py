@@ -29,7 +29,6 @@ or ids.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import os
@@ -51,7 +50,7 @@ from ..errors import (
     check_on_error,
 )
 from ..prompts import build_detection_prompt
-from ..records import GroundTruth, RecordSet, VisualRecord, check_ground_truth_boxes
+from ..records import GroundTruth, RecordSet, VisualRecord, check_detection_boxes
 from ..sampling import sample_k_shot
 from .common import ImageChecker, finish_read, record_or_skip
 
@@ -251,13 +250,9 @@ def read_coco_detection(
                         f"annotation {a.get('id')}: bad crowd 'bbox' {a.get('bbox')!r}",
                         BAD_ANNOTATION,
                     )
-            gt = GroundTruth(
-                coord_space="pixels_original",
-                boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
-                categories=tuple(box_cats),
-            )
-            gt = check_ground_truth_boxes(
-                gt,
+            checked, checked_cats = check_detection_boxes(
+                np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+                box_cats,
                 width=width,
                 height=height,
                 out_of_bounds=out_of_bounds,
@@ -265,10 +260,14 @@ def read_coco_detection(
                 name=name,
                 skips=skips,
             )
-            gt = dataclasses.replace(
-                gt,
+            gt = GroundTruth(
+                coord_space="pixels_original",
+                boxes=checked,
+                categories=checked_cats,
                 crowd_boxes=np.asarray(crowd_boxes, dtype=np.float64).reshape(-1, 4),
                 crowd_categories=tuple(cat_names[int(a["category_id"])] for a in crowd),
+                image_size=(width, height),
+                name=name,
             )
             if boxes and len(gt.boxes) == 0:
                 # Not a "no objects" example: the category is there, its boxes were unusable.

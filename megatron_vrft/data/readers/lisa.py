@@ -49,7 +49,7 @@ from ..errors import (
     check_on_error,
 )
 from ..prompts import build_grounding_prompt
-from ..records import GroundTruth, RecordSet, VisualRecord, check_ground_truth_boxes
+from ..records import GroundTruth, RecordSet, VisualRecord, check_grounding_box
 from .common import ImageChecker, finish_read, record_or_skip
 
 LISA_KEYS = frozenset({"id", "image", "query", "box", "box_format", "coord_space", "image_size"})
@@ -176,17 +176,16 @@ def read_lisa_grounding(
                         f"{name}: image_size {entry['image_size']} differs from {image_path}'s {(width, height)}",
                         BAD_ANNOTATION,
                     )
-                gt = GroundTruth(coord_space=space, box=box)
                 w, h = space_extent(space, image_size=(width, height))
-                gt = check_ground_truth_boxes(
-                    gt,
+                box = check_grounding_box(
+                    box,
                     width=w,
                     height=h,
                     out_of_bounds=out_of_bounds,
-                    on_error=on_error,
                     name=name,
                     skips=skips,
                 )
+                gt = GroundTruth(coord_space=space, box=box, image_size=(width, height), name=name)
                 return VisualRecord(
                     source_id=name,
                     task="grounding",

@@ -49,7 +49,8 @@ from ..records import (
     ImageSource,
     RecordSet,
     VisualRecord,
-    check_ground_truth_boxes,
+    check_detection_boxes,
+    check_grounding_box,
 )
 from .common import ImageChecker, finish_read, record_or_skip
 
@@ -119,12 +120,25 @@ def parse_visual_rft_solution(
 
     Raises:
         DataError: (reason ``unparseable_solution``) the text does not fit ``task``.
+        ValueError: a box is inverted or not finite (:func:`solution_fields` then
+            :func:`~megatron_vrft.data.records.check_detection_boxes` drops such boxes instead).
+    """
+    fields = solution_fields(solution, task=task, problem=problem)
+    return GroundTruth(coord_space=None if "label" in fields else coord_space, **fields)
+
+
+def solution_fields(solution: str, *, task: str, problem: str) -> dict[str, Any]:
+    """The raw :class:`GroundTruth` fields of a ``solution`` string (boxes unchecked): ``label``;
+    ``boxes`` ``(K, 4)`` and ``categories``; or ``box`` ``(4,)``.
+
+    Raises:
+        DataError: (reason ``unparseable_solution``) the text does not fit ``task``.
     """
     text = _answer_text(solution)
     if task == "classification":
         if not text:
             raise DataError("empty classification label in solution", UNPARSEABLE_SOLUTION)
-        return GroundTruth(label=text)
+        return {"label": text}
     if task == "grounding":
         m = _POINT_PAIR_RE.match(text)
         box = (
@@ -136,13 +150,13 @@ def parse_visual_rft_solution(
             raise DataError(
                 f"grounding solution is not one box: {text[:120]!r}", UNPARSEABLE_SOLUTION
             )
-        return GroundTruth(coord_space=coord_space, box=box)
+        return {"box": box}
     if task != "detection":
         raise ValueError(f"unknown task {task!r}")
     m = _CATEGORY_RE.search(problem or "")
     default_cat = m.group(1) if m else "object"
     if text.lower() in _EMPTY:
-        return GroundTruth(coord_space=coord_space, boxes=np.zeros((0, 4)), categories=())
+        return {"boxes": np.zeros((0, 4)), "categories": ()}
     value = _literal(text)
     if isinstance(value, dict):
         value = [value]
@@ -167,11 +181,7 @@ def parse_visual_rft_solution(
         label = next((lowered[k] for k in _LABEL_KEYS if k in lowered), None)
         boxes.append(box)
         cats.append(str(label) if label is not None else default_cat)
-    return GroundTruth(
-        coord_space=coord_space,
-        boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
-        categories=tuple(cats),
-    )
+    return {"boxes": np.asarray(boxes, dtype=np.float64).reshape(-1, 4), "categories": tuple(cats)}
 
 
 def _load_rows(path: Path, split: str) -> list[dict]:
@@ -264,20 +274,22 @@ def read_visual_rft(
             row_task = task or infer_task(solution)
             image = _image_source(row["image"], name=name, root=root)
             width, height = checker.size(image, f"{name}.image")
-            gt = parse_visual_rft_solution(
-                solution, task=row_task, problem=problem, coord_space=coord_space
-            )
-            if coord_space != "pixels_resized" and (gt.boxes is not None or gt.box is not None):
+            fields = solution_fields(solution, task=row_task, problem=problem)
+            if coord_space != "pixels_resized":  # the resized size is not known yet
                 w, h = space_extent(coord_space, image_size=(width, height))
-                gt = check_ground_truth_boxes(
-                    gt,
-                    width=w,
-                    height=h,
-                    out_of_bounds=out_of_bounds,
-                    on_error=on_error,
-                    name=name,
-                    skips=skips,
-                )
+                kw = dict(width=w, height=h, out_of_bounds=out_of_bounds, name=name, skips=skips)
+                if "boxes" in fields:
+                    fields["boxes"], fields["categories"] = check_detection_boxes(
+                        fields["boxes"], fields["categories"], on_error=on_error, **kw
+                    )
+                if "box" in fields:
+                    fields["box"] = check_grounding_box(fields["box"], **kw)
+            gt = GroundTruth(
+                coord_space=None if "label" in fields else coord_space,
+                image_size=(width, height),
+                name=name,
+                **fields,
+            )
             query = None
             if row_task == "detection":
                 query = ", ".join(dict.fromkeys(gt.categories)) or (

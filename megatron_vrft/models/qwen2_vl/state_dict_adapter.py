@@ -1,45 +1,28 @@
 """HF <-> Megatron state-dict adapter for the Qwen2-VL / Qwen2.5-VL family: the one name map.
 
-Used by the model loader (HF weights -> this rank's shard), checkpoint conversion (both ways) and the
-rollout weight export (shards -> HF names, streamed).
+Every name, TP split axis and fusion lives in one declarative table, :data:`PARAM_TABLE` (rows of
+:class:`ParamMapping`: Megatron name, HF names, TP axis, fusion, TE-spec / checkpoint name, vocabulary
+padding, tied embeddings), bound to one pipeline stage's parameters by :func:`expand_param_table`.
+Everything else is derived from it: the model loader (HF weights -> this rank's shard), checkpoint
+conversion (both ways, :mod:`megatron_vrft.models.conversion`) and the rollout weight export (shards
+-> HF names, streamed, :mod:`megatron_vrft.rollout.weight_export`).
 
-API: :func:`hf_to_megatron_shard` (HF -> one rank's shard), :func:`megatron_shards_to_hf` (all ranks'
-shards -> HF, streamed), :func:`hf_tensor_from_megatron` (one HF tensor from unsharded Megatron
-tensors), :func:`hf_param_names` / :func:`hf_param_shapes` / :func:`megatron_param_shapes` (no memory:
-meta device), :func:`fuse_qkv` / :func:`split_qkv`, :func:`pipeline_layer_ranges`. ``arch`` is a
-``Qwen2VLArch`` (``arch.build_qwen2_vl_arch``), a transformers config, or a ``config.json`` dict.
+API: :func:`hf_to_megatron_shard` / :func:`iter_megatron_shard` (HF -> one rank's shard),
+:func:`megatron_shards_to_hf` (all ranks' shards -> HF, streamed), :func:`hf_tensor_from_megatron`
+(one HF tensor from unsharded Megatron tensors), :func:`hf_param_names` / :func:`hf_param_shapes` /
+:func:`megatron_param_shapes` (no memory: meta device), :func:`tp_split_axis` /
+:func:`merge_tp_shards`, :func:`find_megatron_mapping` / :func:`find_hf_mapping` (a name's row),
+:func:`fuse_qkv` / :func:`split_qkv`, :func:`pipeline_layer_ranges`. ``arch`` is a ``Qwen2VLArch``
+(``arch.build_qwen2_vl_arch``), a transformers config, or a ``config.json`` dict.
 
 Names
 -----
-HF hub names (what safetensors files on disk hold; written on export)::
-
-    model.embed_tokens.weight                         (V, H)
-    model.layers.{L}.self_attn.{q,k,v}_proj.{weight,bias}
-    model.layers.{L}.self_attn.o_proj.weight
-    model.layers.{L}.mlp.{gate,up,down}_proj.weight
-    model.layers.{L}.{input,post_attention}_layernorm.weight
-    model.norm.weight
-    lm_head.weight                                    (absent when tie_word_embeddings)
-    visual.*                                          (the vision tower, merger included)
-
-transformers >= 5 names the same tensors ``model.language_model.*`` and ``model.visual.*`` in memory
-(``lm_head.weight`` unchanged); both namings are accepted on input.
-
-Megatron names (the wrapper module: ``vision`` = HF vision tower, ``language_model`` = mcore
-``GPTModel``; ``{i}`` is the layer index local to the pipeline stage)::
-
-    vision.*                                                   pp stage 0 only, replicated over TP
-    language_model.embedding.word_embeddings.weight            pp first, vocab-parallel (rows)
-    language_model.decoder.layers.{i}.input_layernorm.weight          local spec
-    language_model.decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight   TE spec
-    language_model.decoder.layers.{i}.self_attention.linear_qkv.{weight,bias}  column-parallel
-    language_model.decoder.layers.{i}.self_attention.linear_proj.weight        row-parallel
-    language_model.decoder.layers.{i}.pre_mlp_layernorm.weight        local spec
-    language_model.decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight          TE spec
-    language_model.decoder.layers.{i}.mlp.linear_fc1.weight                    column-parallel
-    language_model.decoder.layers.{i}.mlp.linear_fc2.weight                    row-parallel
-    language_model.decoder.final_layernorm.weight              pp last
-    language_model.output_layer.weight                         pp last, vocab-parallel (rows)
+HF hub names are what safetensors files on disk hold (``model.layers.{L}.…``, ``model.embed_tokens``,
+``model.norm``, ``lm_head`` (absent when tied), ``visual.*``); transformers >= 5 names the same
+tensors ``model.language_model.*`` and ``model.visual.*`` in memory (``lm_head.weight`` unchanged);
+both namings are accepted on input. Megatron names are those of the wrapper module (``vision`` = HF
+vision tower, pp stage 0 only, replicated over TP; ``language_model`` = mcore ``GPTModel``), with
+decoder layer indices local to the pipeline stage.
 
 The TE spec (``get_gpt_layer_with_transformer_engine_spec``) fuses the pre-attention / pre-MLP
 RMSNorm into ``TELayerNormColumnParallelLinear``, whose norm parameter is ``layer_norm_weight``; the
@@ -56,9 +39,8 @@ Layouts (mcore 0.16.1, ``SelfAttention.get_query_key_value_tensors`` and ``MLP``
   contiguous split is still what the weight holds.
 * ``linear_fc1`` on one TP rank is ``[gate rows of this rank ; up rows of this rank]``; its full
   (TP-independent) form is ``[gate ; up]``, which is also how mcore's swiglu sharded factory stores it.
-* Column-parallel (split rows): ``linear_qkv`` (weight and bias), ``linear_fc1``, ``word_embeddings``,
-  ``output_layer``. Row-parallel (split columns): ``linear_proj``, ``linear_fc2``. Norms, the vision
-  tower: replicated.
+* TP split axes (column-parallel: rows, row-parallel: columns, norms and the vision tower replicated)
+  are the table's ``tp_axis``.
 * Vocabulary padding (optional; ``Qwen2VLPolicy`` itself uses none and needs ``vocab_size % tp == 0``):
   the embedding and output layer have ``vocab_padded_size`` rows (a multiple of ``tp_size``; see
   :func:`compute_vocab_padded_size` for Megatron-LM's rule); rows past ``vocab_size`` are zero on
@@ -73,7 +55,9 @@ Layouts (mcore 0.16.1, ``SelfAttention.get_query_key_value_tensors`` and ``MLP``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -205,27 +189,221 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tensor-parallel split of each Megatron parameter (one table; the shard builders above and the
-# merge below follow it).
+# The name table: every conversion below is derived from it.
 
-# Megatron name suffix -> TP split axis; names matching no entry are replicated over TP.
-TP_SPLIT_AXIS: dict[str, int] = {
-    "embedding.word_embeddings.weight": 0,
-    "output_layer.weight": 0,
-    "self_attention.linear_qkv.weight": 0,
-    "self_attention.linear_qkv.bias": 0,
-    "mlp.linear_fc1.weight": 0,  # each rank holds [gate_r ; up_r]: see merge_tp_shards
-    "self_attention.linear_proj.weight": 1,
-    "mlp.linear_fc2.weight": 1,
-}
+Fusion = Literal["qkv", "gate_up"]
+Placement = Literal["first", "layer", "last"]
+_L = LM + "decoder.layers.{layer}."
+_H = "model.layers.{layer}."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParamMapping:
+    """One row of :data:`PARAM_TABLE`: a Megatron parameter and the HF tensors it holds.
+
+    Names are templates: ``{layer}`` is the decoder layer index (stage-local in Megatron names,
+    global in HF names), ``{name}`` a parameter name of the HF vision tower."""
+
+    megatron: str
+    """Megatron module name under the local layer spec."""
+    hf: tuple[str, ...]
+    """HF hub names, in fusion order."""
+    hf_shapes: tuple[tuple[str, ...], ...]
+    """Shape of each HF tensor in named dimensions (see :func:`_dims`); empty: read from the HF
+    vision tower."""
+    tp_axis: int | None = None
+    """Axis split over TP ranks in contiguous blocks (rank order); None: replicated over TP."""
+    fusion: Fusion | None = None
+    """How the HF tensors fuse: ``"qkv"``: mcore's grouped layout (:func:`fuse_qkv`); ``"gate_up"``:
+    ``[gate ; up]`` in full, ``[gate_r ; up_r]`` on TP rank ``r``."""
+    te_megatron: str | None = None
+    """The name under the TE layer spec, where it differs. Distributed checkpoints use it for either
+    spec (mcore's ``sharded_state_dict_keys_map``)."""
+    placement: Placement = "layer"
+    """``"first"``: pipeline stage 0; ``"layer"``: the stage holding the layer; ``"last"``: last stage."""
+    vocab: bool = False
+    """Rows are the vocabulary: zero rows pad it to ``vocab_padded_size`` on import, cut on export."""
+    tied_hf: str | None = None
+    """With tied word embeddings: the HF tensor read instead of ``hf``. The row then exports nothing
+    and exists only with PP > 1 (the last stage's copy of the embedding)."""
+
+    def megatron_for(self, layer_spec: LayerSpec) -> str:
+        """The Megatron name template under ``layer_spec``."""
+        return self.te_megatron if layer_spec == "te" and self.te_megatron else self.megatron
+
+    @property
+    def checkpoint_key(self) -> str:
+        """Distributed-checkpoint key template: decoder layers stacked (no ``{layer}``), TE names."""
+        return (self.te_megatron or self.megatron).replace("{layer}.", "")
+
+
+PARAM_TABLE: tuple[ParamMapping, ...] = (
+    ParamMapping(megatron=VISION + "{name}", hf=("visual.{name}",), hf_shapes=(), placement="first"),
+    ParamMapping(
+        megatron=LM + "embedding.word_embeddings.weight", hf=("model.embed_tokens.weight",),
+        hf_shapes=(("vocab", "hidden"),), tp_axis=0, vocab=True, placement="first",
+    ),
+    ParamMapping(
+        megatron=_L + "self_attention.linear_qkv.weight", hf=tuple(f"{_H}self_attn.{x}_proj.weight" for x in "qkv"),
+        hf_shapes=(("q", "hidden"), ("kv", "hidden"), ("kv", "hidden")), tp_axis=0, fusion="qkv",
+    ),
+    ParamMapping(
+        megatron=_L + "self_attention.linear_qkv.bias", hf=tuple(f"{_H}self_attn.{x}_proj.bias" for x in "qkv"),
+        hf_shapes=(("q",), ("kv",), ("kv",)), tp_axis=0, fusion="qkv",
+    ),
+    ParamMapping(
+        megatron=_L + "self_attention.linear_proj.weight", hf=(_H + "self_attn.o_proj.weight",),
+        hf_shapes=(("hidden", "q"),), tp_axis=1,
+    ),
+    ParamMapping(
+        megatron=_L + "mlp.linear_fc1.weight", hf=(_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"),
+        hf_shapes=(("ffn", "hidden"), ("ffn", "hidden")), tp_axis=0, fusion="gate_up",
+    ),
+    ParamMapping(
+        megatron=_L + "mlp.linear_fc2.weight", hf=(_H + "mlp.down_proj.weight",), hf_shapes=(("hidden", "ffn"),),
+        tp_axis=1,
+    ),
+    ParamMapping(
+        megatron=_L + "input_layernorm.weight", te_megatron=_L + "self_attention.linear_qkv.layer_norm_weight",
+        hf=(_H + "input_layernorm.weight",), hf_shapes=(("hidden",),),
+    ),
+    ParamMapping(
+        megatron=_L + "pre_mlp_layernorm.weight", te_megatron=_L + "mlp.linear_fc1.layer_norm_weight",
+        hf=(_H + "post_attention_layernorm.weight",), hf_shapes=(("hidden",),),
+    ),
+    ParamMapping(
+        megatron=LM + "decoder.final_layernorm.weight", hf=("model.norm.weight",), hf_shapes=(("hidden",),),
+        placement="last",
+    ),
+    ParamMapping(
+        megatron=LM + "output_layer.weight", hf=("lm_head.weight",), hf_shapes=(("vocab", "hidden"),), tp_axis=0,
+        vocab=True, placement="last", tied_hf="model.embed_tokens.weight",
+    ),
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class BoundParam:
+    """A :data:`PARAM_TABLE` row bound to one parameter of one pipeline stage."""
+
+    mapping: ParamMapping
+    megatron: str
+    """Its name on the stage (stage-local layer index, the chosen layer spec)."""
+    global_megatron: str
+    """Its name in the single-stage view (global layer index)."""
+    hf: tuple[str, ...]
+    """HF hub names it exports to (none for the tied output-layer copy)."""
+    source: tuple[str, ...]
+    """HF hub names it is built from."""
+    layer: int | None
+    """Global decoder layer index; None outside the decoder layers."""
+
+
+def _check_layer_spec(layer_spec: str) -> None:
+    if layer_spec not in ("local", "te"):
+        raise ValueError(f"layer_spec must be 'local' or 'te', got {layer_spec!r}")
+
+
+def _expand(
+    a: Qwen2VLArch, layer_spec: LayerSpec, vision_names: list[str], *, pp_rank: int, pp_size: int,
+    **pipeline_kwargs: int | None,
+) -> list[BoundParam]:  # fmt: skip
+    _check_layer_spec(layer_spec)
+    ranges = pipeline_layer_ranges(a.num_layers, pp_size, **pipeline_kwargs)
+    tied = a.tie_word_embeddings
+
+    def bind(row: ParamMapping, layer: int | None = None, local: int | None = None, name: str | None = None):
+        spec_name = row.megatron_for(layer_spec)
+        hf = tuple(h.format(layer=layer, name=name) for h in row.hf)
+        source = hf
+        if tied and row.tied_hf:
+            hf, source = (), (row.tied_hf,)
+        return BoundParam(
+            row, spec_name.format(layer=local, name=name), spec_name.format(layer=layer, name=name), hf, source, layer
+        )
+
+    rows = {p: [r for r in PARAM_TABLE if r.placement == p] for p in ("first", "layer", "last")}
+    out: list[BoundParam] = []
+    if pp_rank == 0:
+        for row in rows["first"]:
+            out += [bind(row, name=n) for n in vision_names] if "{name}" in row.megatron else [bind(row)]
+    for local, layer in enumerate(ranges[pp_rank]):
+        out += [bind(row, layer, local) for row in rows["layer"]]
+    if pp_rank == pp_size - 1:
+        out += [bind(row) for row in rows["last"] if not (tied and row.tied_hf and pp_size == 1)]
+    return out
+
+
+def expand_param_table(
+    arch: Qwen2VLArch | Any,
+    *,
+    layer_spec: LayerSpec = "local",
+    pp_rank: int = 0,
+    pp_size: int = 1,
+    **pipeline_kwargs: int | None,
+) -> list[BoundParam]:
+    """:data:`PARAM_TABLE` bound to the parameters of pipeline stage ``pp_rank`` (default: the whole
+    model as one stage), in shard order: vision tower and embedding, layers, final norm and output."""
+    a = as_arch(arch)
+    vision = [n[len("visual.") :] for n in hf_vision_param_shapes(a)] if pp_rank == 0 else []
+    return _expand(a, layer_spec, vision, pp_rank=pp_rank, pp_size=pp_size, **pipeline_kwargs)
+
+
+def _pattern(template: str) -> re.Pattern:
+    fields = {"{layer}": "(?P<layer>[0-9]+)", "{name}": "(?P<name>.+)"}
+    return re.compile("".join(fields.get(p) or re.escape(p) for p in re.split(r"(\{layer\}|\{name\})", template)))
+
+
+_MEGATRON_PATTERNS = tuple(
+    (row, _pattern(name)) for row in PARAM_TABLE for name in (row.megatron, row.te_megatron) if name
+)
+_HF_PATTERNS = tuple((row, i, _pattern(name)) for row in PARAM_TABLE for i, name in enumerate(row.hf))
+
+
+def find_megatron_mapping(name: str) -> tuple[ParamMapping, dict[str, str]] | None:
+    """The row of a Megatron name (either layer spec, any layer index) and its template fields."""
+    for row, pattern in _MEGATRON_PATTERNS:
+        if m := pattern.fullmatch(name):
+            return row, m.groupdict()
+    return None
+
+
+def find_hf_mapping(name: str) -> tuple[ParamMapping, int, dict[str, str]] | None:
+    """The row of an HF hub name, its position in ``row.hf`` and its template fields."""
+    for row, i, pattern in _HF_PATTERNS:
+        if m := pattern.fullmatch(name):
+            return row, i, m.groupdict()
+    return None
+
+
+def hf_export_order(names: list[str]) -> list[str]:
+    """``names`` in HF state-dict order: a module's parameters together, modules in order of first appearance."""
+    modules: dict[str, list[str]] = {}
+    for n in names:
+        modules.setdefault(n.rsplit(".", 1)[0], []).append(n)
+    return [n for group in modules.values() for n in group]
+
+
+def _dims(a: Qwen2VLArch) -> dict[str, int]:
+    return {
+        "vocab": a.vocab_size, "hidden": a.hidden_size, "ffn": a.intermediate_size,
+        "q": a.num_attention_heads * a.head_dim, "kv": a.num_key_value_heads * a.head_dim,
+    }  # fmt: skip
 
 
 def tp_split_axis(megatron_name: str) -> int | None:
     """The axis along which ``megatron_name`` is split over TP ranks, or None when replicated."""
-    for suffix, axis in TP_SPLIT_AXIS.items():
-        if megatron_name.endswith(suffix):
-            return axis
-    return None
+    found = find_megatron_mapping(megatron_name)
+    return found[0].tp_axis if found else None
+
+
+def _merge(row: ParamMapping | None, shards: list[torch.Tensor]) -> torch.Tensor:
+    if row is None or row.tp_axis is None or len(shards) == 1:
+        return shards[0]
+    if row.fusion == "gate_up":
+        halves = [torch.chunk(s, 2, dim=0) for s in shards]
+        return torch.cat([g for g, _ in halves] + [u for _, u in halves], dim=0)
+    return torch.cat(shards, dim=row.tp_axis)
 
 
 def merge_tp_shards(megatron_name: str, shards: list[torch.Tensor]) -> torch.Tensor:
@@ -235,26 +413,22 @@ def merge_tp_shards(megatron_name: str, shards: list[torch.Tensor]) -> torch.Ten
     ``linear_fc1`` whose full form is ``[gate ; up]`` while rank ``r`` holds ``[gate_r ; up_r]``.
     Replicated tensors return rank 0's.
     """
-    axis = tp_split_axis(megatron_name)
-    if axis is None or len(shards) == 1:
-        return shards[0]
-    if megatron_name.endswith("mlp.linear_fc1.weight"):
-        halves = [torch.chunk(s, 2, dim=0) for s in shards]
-        return torch.cat([g for g, _ in halves] + [u for _, u in halves], dim=0)
-    return torch.cat(shards, dim=axis)
+    found = find_megatron_mapping(megatron_name)
+    return _merge(found[0] if found else None, shards)
 
 
-# ----------------------------------------------------------------------------------------------
-# Names
-
-
-def _norm_names(layer_spec: LayerSpec) -> tuple[str, str]:
-    if layer_spec == "local":
-        return "input_layernorm.weight", "pre_mlp_layernorm.weight"
-    if layer_spec == "te":
-        return "self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"
-    raise ValueError(f"layer_spec must be 'local' or 'te', got {layer_spec!r}")
-
+def unfuse_megatron_tensor(row: ParamMapping, full: torch.Tensor, arch: Qwen2VLArch | Any) -> tuple[torch.Tensor, ...]:
+    """The HF tensors (in ``row.hf`` order) held by one full (TP-merged) Megatron tensor: QKV split,
+    ``[gate ; up]`` halved, vocabulary padding dropped. Views of ``full`` where possible."""
+    a = as_arch(arch)
+    if row.fusion == "qkv":
+        return split_qkv(
+            full, num_attention_heads=a.num_attention_heads, num_query_groups=a.num_key_value_heads,
+            kv_channels=a.head_dim,
+        )  # fmt: skip
+    if row.fusion == "gate_up":
+        return tuple(torch.chunk(full, 2, dim=0))
+    return (full[: a.vocab_size] if row.vocab else full,)
 
 def hf_in_memory_name(hub_name: str) -> str:
     """Hub name -> transformers >= 5 in-memory name (``model.language_model.*``, ``model.visual.*``)."""
@@ -291,27 +465,16 @@ def hf_vision_param_shapes(arch: Qwen2VLArch | Any) -> dict[str, torch.Size]:
 
 
 def hf_param_shapes(arch: Qwen2VLArch | Any) -> dict[str, torch.Size]:
-    """Every HF hub parameter name -> full shape (vision from the HF tower on meta; text computed)."""
+    """Every HF hub parameter name -> full shape, in HF order (vision from the HF tower on meta)."""
     a = as_arch(arch)
-    h, hd, f = a.hidden_size, a.head_dim, a.intermediate_size
-    q, kv = a.num_attention_heads * hd, a.num_key_value_heads * hd
-    shapes: dict[str, torch.Size] = dict(hf_vision_param_shapes(a))
-    shapes["model.embed_tokens.weight"] = torch.Size([a.vocab_size, h])
-    for layer in range(a.num_layers):
-        p = f"model.layers.{layer}."
-        per = {
-            "self_attn.q_proj.weight": [q, h], "self_attn.q_proj.bias": [q],
-            "self_attn.k_proj.weight": [kv, h], "self_attn.k_proj.bias": [kv],
-            "self_attn.v_proj.weight": [kv, h], "self_attn.v_proj.bias": [kv],
-            "self_attn.o_proj.weight": [h, q],
-            "mlp.gate_proj.weight": [f, h], "mlp.up_proj.weight": [f, h], "mlp.down_proj.weight": [h, f],
-            "input_layernorm.weight": [h], "post_attention_layernorm.weight": [h],
-        }  # fmt: skip
-        shapes.update({p + k: torch.Size(v) for k, v in per.items()})
-    shapes["model.norm.weight"] = torch.Size([h])
-    if not a.tie_word_embeddings:
-        shapes["lm_head.weight"] = torch.Size([a.vocab_size, h])
-    return shapes
+    vision = hf_vision_param_shapes(a)
+    dims = _dims(a)
+    shapes: dict[str, torch.Size] = {}
+    for b in _expand(a, "local", [n[len("visual.") :] for n in vision], pp_rank=0, pp_size=1):
+        for i, name in enumerate(b.hf):
+            dim_names = b.mapping.hf_shapes
+            shapes[name] = torch.Size([dims[d] for d in dim_names[i]]) if dim_names else vision[name]
+    return {n: shapes[n] for n in hf_export_order(list(shapes))}
 
 
 def hf_param_names(arch: Qwen2VLArch | Any) -> list[str]:
@@ -379,6 +542,43 @@ def _check_shape(name: str, t: torch.Tensor, expected: torch.Size) -> torch.Tens
     return t
 
 
+def _megatron_tensor(
+    b: BoundParam, hf: Callable[[str], torch.Tensor], a: Qwen2VLArch, *, tp_rank: int, tp_size: int, vocab_padded: int
+) -> torch.Tensor:
+    """One rank's shard of ``b`` from its HF tensors (``hf(name)``, called once per tensor)."""
+    row = b.mapping
+    if row.fusion == "gate_up":  # rank r holds [gate_r ; up_r]
+        return torch.cat([_tp_chunk(hf(n), tp_rank, tp_size, row.tp_axis) for n in b.source], dim=0)
+    if row.fusion == "qkv":
+        full = fuse_qkv(*(hf(n) for n in b.source), num_query_groups=a.num_key_value_heads)
+    else:
+        (full,) = (hf(n) for n in b.source)
+    if row.vocab:
+        full = _pad_rows(full, vocab_padded)
+    return full if row.tp_axis is None else _tp_chunk(full, tp_rank, tp_size, row.tp_axis)
+
+
+def iter_megatron_shard(
+    get_hf_tensor: HfGetter, arch: Qwen2VLArch | Any, *, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int,
+    layer_spec: LayerSpec = "local", vocab_padded_size: int | None = None, **pipeline_kwargs: int | None,
+) -> Iterator[tuple[BoundParam, torch.Tensor]]:  # fmt: skip
+    """:func:`hf_to_megatron_shard`, one ``(row, shard tensor)`` at a time."""
+    a = as_arch(arch)
+    vp = vocab_padded_size or a.vocab_size
+    _check_parallel(a, tp_size, vp)
+    if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
+        raise ValueError(f"rank (tp={tp_rank}, pp={pp_rank}) outside (tp_size={tp_size}, pp_size={pp_size})")
+    get = _make_getter(get_hf_tensor)
+    expected = hf_param_shapes(a)
+
+    def hf(name: str) -> torch.Tensor:
+        return _check_shape(name, get(name), expected[name])
+
+    vision = [n[len("visual.") :] for n in expected if n.startswith("visual.")]
+    for b in _expand(a, layer_spec, vision, pp_rank=pp_rank, pp_size=pp_size, **pipeline_kwargs):
+        yield b, _megatron_tensor(b, hf, a, tp_rank=tp_rank, tp_size=tp_size, vocab_padded=vp)
+
+
 def hf_to_megatron_shard(
     get_hf_tensor: HfGetter,
     arch: Qwen2VLArch | Any,
@@ -400,59 +600,15 @@ def hf_to_megatron_shard(
     ``language_model.*``) -> tensors in the input dtype. Raises ``KeyError`` naming a missing HF
     tensor and ``ValueError`` naming a tensor whose shape does not match ``arch``.
     """
-    a = as_arch(arch)
-    vp = vocab_padded_size or a.vocab_size
-    _check_parallel(a, tp_size, vp)
-    if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
-        raise ValueError(f"rank (tp={tp_rank}, pp={pp_rank}) outside (tp_size={tp_size}, pp_size={pp_size})")
-    get = _make_getter(get_hf_tensor)
-    expected = hf_param_shapes(a)
-
-    def hf(name: str) -> torch.Tensor:
-        return _check_shape(name, get(name), expected[name])
-
-    first, last = pp_rank == 0, pp_rank == pp_size - 1
-    norm_attn, norm_mlp = _norm_names(layer_spec)
-    out: dict[str, torch.Tensor] = {}
-
-    if first:
-        for name in (n for n in expected if n.startswith("visual.")):
-            out[VISION + name[len("visual.") :]] = hf(name)
-        emb = _pad_rows(hf("model.embed_tokens.weight"), vp)
-        out[LM + "embedding.word_embeddings.weight"] = _tp_chunk(emb, tp_rank, tp_size, 0)
-        del emb
-
-    ranges = pipeline_layer_ranges(
-        a.num_layers, pp_size,
-        num_layers_in_first_pipeline_stage=num_layers_in_first_pipeline_stage,
-        num_layers_in_last_pipeline_stage=num_layers_in_last_pipeline_stage,
-    )  # fmt: skip
-    for i, layer in enumerate(ranges[pp_rank]):
-        p, m = f"model.layers.{layer}.", f"{LM}decoder.layers.{i}."
-        for w in ("weight", "bias"):
-            qkv = fuse_qkv(
-                hf(f"{p}self_attn.q_proj.{w}"), hf(f"{p}self_attn.k_proj.{w}"),
-                hf(f"{p}self_attn.v_proj.{w}"), num_query_groups=a.num_key_value_heads,
-            )  # fmt: skip
-            out[f"{m}self_attention.linear_qkv.{w}"] = _tp_chunk(qkv, tp_rank, tp_size, 0)
-            del qkv
-        out[f"{m}self_attention.linear_proj.weight"] = _tp_chunk(hf(f"{p}self_attn.o_proj.weight"), tp_rank, tp_size, 1)
-        gate = _tp_chunk(hf(f"{p}mlp.gate_proj.weight"), tp_rank, tp_size, 0)
-        up = _tp_chunk(hf(f"{p}mlp.up_proj.weight"), tp_rank, tp_size, 0)
-        out[f"{m}mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
-        del gate, up
-        out[f"{m}mlp.linear_fc2.weight"] = _tp_chunk(hf(f"{p}mlp.down_proj.weight"), tp_rank, tp_size, 1)
-        out[m + norm_attn] = hf(f"{p}input_layernorm.weight")
-        out[m + norm_mlp] = hf(f"{p}post_attention_layernorm.weight")
-
-    if last:
-        out[LM + "decoder.final_layernorm.weight"] = hf("model.norm.weight")
-        if not a.tie_word_embeddings or pp_size > 1:
-            head_name = "model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight"
-            head = _pad_rows(hf(head_name), vp)
-            out[LM + "output_layer.weight"] = _tp_chunk(head, tp_rank, tp_size, 0)
-            del head
-    return out
+    return {
+        b.megatron: t
+        for b, t in iter_megatron_shard(
+            get_hf_tensor, arch, tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size,
+            layer_spec=layer_spec, vocab_padded_size=vocab_padded_size,
+            num_layers_in_first_pipeline_stage=num_layers_in_first_pipeline_stage,
+            num_layers_in_last_pipeline_stage=num_layers_in_last_pipeline_stage,
+        )  # fmt: skip
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,7 +634,8 @@ def megatron_shards_to_hf(
     ``KeyError`` naming a missing Megatron key.
     """
     a = as_arch(arch)
-    norm_attn, norm_mlp = _norm_names(layer_spec)
+    _check_layer_spec(layer_spec)
+    vision = [n[len("visual.") :] for n in hf_vision_param_shapes(a)]
 
     def get(tp: int, pp: int, key: str) -> torch.Tensor:
         shard = shards(tp, pp)
@@ -486,43 +643,17 @@ def megatron_shards_to_hf(
             raise KeyError(f"Megatron tensor {key!r} missing from shard (tp={tp}, pp={pp})")
         return shard[key]
 
-    def gather(pp: int, key: str, dim: int) -> torch.Tensor:
-        return torch.cat([get(tp, pp, key) for tp in range(tp_size)], dim=dim)
-
-    for name in hf_vision_param_shapes(a):
-        yield name, get(0, 0, VISION + name[len("visual.") :])
-    yield "model.embed_tokens.weight", gather(0, LM + "embedding.word_embeddings.weight", 0)[: a.vocab_size]
-
-    ranges = pipeline_layer_ranges(
-        a.num_layers, pp_size,
-        num_layers_in_first_pipeline_stage=num_layers_in_first_pipeline_stage,
-        num_layers_in_last_pipeline_stage=num_layers_in_last_pipeline_stage,
-    )  # fmt: skip
-    for pp, layers in enumerate(ranges):
-        for i, layer in enumerate(layers):
-            p, m = f"model.layers.{layer}.", f"{LM}decoder.layers.{i}."
-            for w in ("weight", "bias"):
-                q, k, v = split_qkv(
-                    gather(pp, f"{m}self_attention.linear_qkv.{w}", 0),
-                    num_attention_heads=a.num_attention_heads,
-                    num_query_groups=a.num_key_value_heads, kv_channels=a.head_dim,
-                )  # fmt: skip
-                yield f"{p}self_attn.q_proj.{w}", q
-                yield f"{p}self_attn.k_proj.{w}", k
-                yield f"{p}self_attn.v_proj.{w}", v
-            yield f"{p}self_attn.o_proj.weight", gather(pp, f"{m}self_attention.linear_proj.weight", 1)
-            halves = [torch.chunk(get(tp, pp, f"{m}mlp.linear_fc1.weight"), 2, dim=0) for tp in range(tp_size)]
-            yield f"{p}mlp.gate_proj.weight", torch.cat([g for g, _ in halves], dim=0)
-            yield f"{p}mlp.up_proj.weight", torch.cat([u for _, u in halves], dim=0)
-            del halves
-            yield f"{p}mlp.down_proj.weight", gather(pp, f"{m}mlp.linear_fc2.weight", 1)
-            yield f"{p}input_layernorm.weight", get(0, pp, m + norm_attn)
-            yield f"{p}post_attention_layernorm.weight", get(0, pp, m + norm_mlp)
-
-    last = pp_size - 1
-    yield "model.norm.weight", get(0, last, LM + "decoder.final_layernorm.weight")
-    if not a.tie_word_embeddings:
-        yield "lm_head.weight", gather(last, LM + "output_layer.weight", 0)[: a.vocab_size]
+    for pp in range(pp_size):
+        pipeline = dict(
+            num_layers_in_first_pipeline_stage=num_layers_in_first_pipeline_stage,
+            num_layers_in_last_pipeline_stage=num_layers_in_last_pipeline_stage,
+        )
+        for b in _expand(a, layer_spec, vision, pp_rank=pp, pp_size=pp_size, **pipeline):
+            if not b.hf:
+                continue
+            ranks = range(tp_size) if b.mapping.tp_axis is not None else range(1)
+            full = _merge(b.mapping, [get(tp, pp, b.megatron) for tp in ranks])
+            yield from zip(b.hf, unfuse_megatron_tensor(b.mapping, full, a))
 
 
 def hf_tensor_from_megatron(
@@ -540,35 +671,13 @@ def hf_tensor_from_megatron(
     ``tp_size = pp_size = 1``; q/k/v read the fused tensor once each (cache in ``get_megatron``).
     """
     a = as_arch(arch)
-    norm_attn, norm_mlp = _norm_names(layer_spec)
-    if name.startswith("visual."):
-        return get_megatron(VISION + name[len("visual.") :])
-    if name == "model.embed_tokens.weight":
-        return get_megatron(LM + "embedding.word_embeddings.weight")[: a.vocab_size]
-    if name == "model.norm.weight":
-        return get_megatron(LM + "decoder.final_layernorm.weight")
-    if name == "lm_head.weight" and not a.tie_word_embeddings:
-        return get_megatron(LM + "output_layer.weight")[: a.vocab_size]
-    parts = name.split(".")
-    if len(parts) >= 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) < a.num_layers:
-        m = f"{LM}decoder.layers.{parts[2]}."
-        suffix = ".".join(parts[3:])
-        if suffix in {f"self_attn.{x}_proj.{w}" for x in "qkv" for w in ("weight", "bias")}:
-            q, k, v = split_qkv(
-                get_megatron(f"{m}self_attention.linear_qkv.{parts[-1]}"),
-                num_attention_heads=a.num_attention_heads, num_query_groups=a.num_key_value_heads,
-                kv_channels=a.head_dim,
-            )  # fmt: skip
-            return {"q": q, "k": k, "v": v}[parts[4][0]].clone()
-        if suffix in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-            gate, up = torch.chunk(get_megatron(f"{m}mlp.linear_fc1.weight"), 2, dim=0)
-            return (gate if parts[4] == "gate_proj" else up).clone()
-        simple = {
-            "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
-            "mlp.down_proj.weight": "mlp.linear_fc2.weight",
-            "input_layernorm.weight": norm_attn,
-            "post_attention_layernorm.weight": norm_mlp,
-        }
-        if suffix in simple:
-            return get_megatron(m + simple[suffix])
+    _check_layer_spec(layer_spec)
+    found = find_hf_mapping(name)
+    if found is not None:
+        row, index, fields = found
+        in_model = "layer" not in fields or int(fields["layer"]) < a.num_layers
+        if in_model and not (a.tie_word_embeddings and row.tied_hf):
+            full = get_megatron(row.megatron_for(layer_spec).format(**fields))
+            tensor = unfuse_megatron_tensor(row, full, a)[index]
+            return tensor.clone() if row.fusion else tensor
     raise KeyError(f"{name!r} is not a parameter of this {a.family} model")
