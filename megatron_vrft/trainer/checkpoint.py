@@ -63,6 +63,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
         if (path / TRAIN_STATE_FILE).exists():
             return path
     complete = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / TRAIN_STATE_FILE).exists())
+    if not complete and any(p.is_dir() and not p.name.endswith(INCOMPLETE) for p in root.glob("step_*")):
+        logger.warning("%s holds checkpoints without %s (an older format): not resumable, starting afresh",
+                       root, TRAIN_STATE_FILE)
     return complete[-1] if complete else None
 
 

@@ -78,7 +78,8 @@ class MetricsLogger:
             self._wandb.log(scalars, step=step)
 
     def plot(self, filename: str = "reward_curve.png") -> Path | None:
-        """Reward and accuracy against step (GRPO steps; SFT warm-up steps shaded)."""
+        """Reward and accuracy against step (GRPO steps; SFT warm-up steps shaded; the held-out
+        evaluations as points)."""
         if not self.active or not self.records:
             return None
         import matplotlib
@@ -92,6 +93,10 @@ class MetricsLogger:
             pts = [(r["step"], r[key]) for r in grpo if key in r]
             if pts:
                 ax.plot(*zip(*pts), label=label)
+        held_out = [(r["step"], r["eval/task/accuracy"]) for r in self.records
+                    if r.get("phase") == "eval" and "eval/task/accuracy" in r]
+        if held_out:
+            ax.plot(*zip(*held_out), "o", color="black", markersize=4, label="held-out greedy accuracy")
         sft = [r["step"] for r in self.records if r.get("phase") == "sft"]
         if sft:
             ax.axvspan(min(sft), max(sft), color="0.9", label="SFT warm-up")
