@@ -146,8 +146,10 @@ class PolicyActor:
     ) -> tuple[list[dict[str, float]], dict[str, float]]:
         """Forward-backward over all micro-batches, gradient sync, one optimizer step.
 
-        Returns the per-micro-batch stats and ``{"grad_norm", "lr", "skipped"}``; a non-finite
-        gradient skips the update (megatron's optimizer reports it) and is counted by the caller.
+        Returns the per-micro-batch stats and ``{"grad_norm", "lr", "skipped"}``. A non-finite
+        gradient anywhere (a NaN/inf loss, an overflow) skips the update on every rank: no
+        optimizer step (megatron's fp32/bf16 optimizers would apply it: they check for overflow only
+        under a loss scaler), no LR-schedule step; ``skipped`` is 1 and the caller counts it.
         """
         for c in self.chunks:
             c.zero_grad_buffer()
@@ -161,12 +163,23 @@ class PolicyActor:
         for p in self.policies:
             allreduce_vision_grads(p.vision, self.groups.tp_group, grad_attr="main_grad")
             allreduce_tied_embedding_grads(p.language_model, self.groups.embedding_group, grad_attr="main_grad")
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        if not self._grads_finite():
+            return stats, {"grad_norm": float("nan"), "lr": lr, "skipped": 1.0}
         ok, grad_norm, _ = self.optimizer.step()
         finite = bool(ok) and grad_norm is not None and torch.isfinite(torch.tensor(grad_norm)).item()
         if finite:
             self.scheduler.step(increment=1)
-        lr = self.optimizer.param_groups[0]["lr"]
-        return stats, {"grad_norm": float(grad_norm or 0.0), "lr": float(lr), "skipped": float(not finite)}
+        return stats, {"grad_norm": float(grad_norm or 0.0), "lr": lr, "skipped": float(not finite)}
+
+    def _grads_finite(self) -> bool:
+        """Every rank's gradients finite (one flag, MAX-reduced over the world: all ranks agree)."""
+        flags = [torch.isfinite(p.main_grad).all() for c in self.chunks for p in c.parameters()
+                 if getattr(p, "main_grad", None) is not None]
+        bad = (~torch.stack(flags)).any().float().reshape(1) if flags else torch.zeros(1)
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad.item())
 
     def sharded_state_dict(self, *, is_loading: bool = False) -> dict:
         """Model chunks, optimizer and LR schedule as a megatron-core sharded state dict (global

@@ -35,7 +35,7 @@ from megatron_vrft.rollout.offload import Offloader, trainer_tensors
 from megatron_vrft.rollout.types import RolloutBatch, SamplingParams, ScoredBatch
 from megatron_vrft.rollout.weight_export import export_hf_weights
 from megatron_vrft.trainer import checkpoint as ckpt
-from megatron_vrft.trainer.faults import maybe_crash
+from megatron_vrft.trainer.faults import fault_active, maybe_crash, poisoned
 from megatron_vrft.trainer.flops import lm_forward_flops, peak_flops
 from megatron_vrft.trainer.actor import copy_weights, forward_logprobs, policy_sharded_state_dict
 from megatron_vrft.trainer.batching import MicroBatch, build_micro_batches
@@ -123,6 +123,9 @@ def train(cfg: VisualRFTConfig) -> TrainResult:
         with timer.phase("evaluation"):
             final = evaluate(run, total_steps)
         metrics.log(total_steps, {"phase": "eval", **final})
+    skipped = int(sum(r.get("skipped", 0) for r in metrics.records))  # the whole run's, resumes included
+    if skipped and run.rank == 0:
+        logger.warning("%d step(s) skipped for non-finite gradients (the 'skipped' metric names them)", skipped)
     files = {}
     if cfg.logging.plots and (png := metrics.plot()) is not None:
         files["reward_curve"] = str(png)
@@ -130,7 +133,7 @@ def train(cfg: VisualRFTConfig) -> TrainResult:
     if run.rank == 0:
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
         logger.info("phase timings (all steps)\n%s", timer.table())
-    return TrainResult(output_dir=out_dir, steps=total_steps, final_metrics={**last, **final},
+    return TrainResult(output_dir=out_dir, steps=total_steps, final_metrics={**last, **final, "skipped_steps": skipped},
                        hf_checkpoint=hf_dir, files=files)
 
 
@@ -161,6 +164,8 @@ def sft_step(run: RunContext, step: int, timer: PhaseTimer) -> dict:
         loss = aggregate_loss(-lp, mb.response_mask, "token-mean", normalizer=total)
         return loss, {"sft_loss": float(loss.detach()), "entropy": float((ent * mb.response_mask).sum() / total)}
 
+    if fault_active("nan_loss", step):
+        loss_fn = poisoned(loss_fn)
     with timer.phase("update"):
         stats, opt = run.actor.train_step(mbs, loss_fn, temperature=1.0)
     out = {"phase": "sft", **_reduce_stats(run, stats, sums=("sft_loss", "entropy")), **opt}
@@ -220,6 +225,8 @@ def grpo_step(run: RunContext, step: int, timer: PhaseTimer, *, sync_weights: bo
             for mb, lp in zip(mbs, old or [None] * len(mbs)):
                 mb.old_logprobs = lp
     loss_fn = build_grpo_loss_fn(run, mbs)
+    if fault_active("nan_loss", step):
+        loss_fn = poisoned(loss_fn)
     with timer.phase("update"):
         for epoch in range(cfg.algorithm.ppo_epochs):
             stats, opt = run.actor.train_step(mbs, loss_fn, temperature=temperature)

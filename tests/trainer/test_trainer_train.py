@@ -8,12 +8,14 @@ several micro-batches per step). The uninterrupted run at (TP, PP) = (2, 1) is t
   steps 3-5 equal the reference and no incomplete checkpoint is left;
 - a checkpoint written at (2, 1) resumes at (1, 2) (model and optimizer resharded by megatron-core)
   and the run goes on as the reference does;
-- a training checkpoint is also a model checkpoint: converted to HF it equals the HF export.
+- a training checkpoint is also a model checkpoint: converted to HF it equals the HF export;
+- a NaN loss at step 4 skips that update on every rank (counted, logged) and the run goes on.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -135,3 +137,23 @@ def test_training_checkpoint_converts_to_the_hf_export(reference, tmp_path_facto
     assert sorted(got) == sorted(want) and len(want) > 20
     for name, tensor in want.items():
         assert got[name].dtype == tensor.dtype and bool((got[name] == tensor).all()), name
+
+
+def test_non_finite_gradients_skip_the_step(reference, tmp_path):
+    """NaN loss at SFT step 2 (a step with a real gradient): the update is skipped on every rank."""
+    from safetensors.torch import load_file
+
+    proc = train(tmp_path, 2, 1, fault="nan_loss@2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "1 step(s) skipped for non-finite gradients" in proc.stderr + proc.stdout
+    got = records(tmp_path)
+    assert got[2]["skipped"] == 1.0 and math.isnan(got[2]["grad_norm"])
+    assert reference[2]["grad_norm"] > 0  # the reference really updated at step 2
+    assert all(got[s]["skipped"] == 0.0 for s in (1, 3, 4, 5))
+    assert_same(reference, got, [1], 1e-6)
+    assert abs(got[2]["sft_loss"] - reference[2]["sft_loss"]) <= 1e-6  # same forward, update skipped
+    # step 3 runs on the weights of step 1: finite (no NaN reached the weights), not the reference's
+    assert all(math.isfinite(got[s][k]) for s in (3, 4, 5) for k in ("loss", "entropy", "grad_norm"))
+    assert got[3]["entropy"] != reference[3]["entropy"]
+    weights = load_file(next((tmp_path / "hf_checkpoint").glob("*.safetensors")))
+    assert all(bool(t.isfinite().all()) for t in weights.values())
