@@ -22,6 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_vrft.ops.box_iou_reference import (
+    box_iou_elementwise_reference,
+    box_iou_pairwise_reference,
+    pairwise_batch_shape,
+)
+
 _MODE_CODES = {"iou": 0, "giou": 1}
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -151,7 +157,6 @@ def box_iou_pairwise_triton(
     valid2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``boxes1 (..., N, 4)``, ``boxes2 (..., M, 4)`` -> ``(..., N, M)`` fp32; masks ``(..., N)``/``(..., M)``."""
-    from megatron_vrft.ops.box_iou import box_iou_pairwise_reference, pairwise_batch_shape
 
     _check_boxes(boxes1, boxes2, 2)
     if torch.float64 in (boxes1.dtype, boxes2.dtype):
@@ -180,7 +185,6 @@ def box_iou_elementwise_triton(
     boxes1: torch.Tensor, boxes2: torch.Tensor, mode: str = "iou"
 ) -> torch.Tensor:
     """``boxes1 (..., 4)``, ``boxes2 (..., 4)`` (broadcastable) -> ``(...)`` fp32."""
-    from megatron_vrft.ops.box_iou import box_iou_elementwise_reference
 
     _check_boxes(boxes1, boxes2, 1)
     if torch.float64 in (boxes1.dtype, boxes2.dtype):

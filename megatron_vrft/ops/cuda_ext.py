@@ -12,6 +12,12 @@ import importlib
 
 import torch
 
+from megatron_vrft.ops.box_iou_reference import (
+    box_iou_elementwise_reference,
+    box_iou_pairwise_reference,
+    pairwise_batch_shape,
+)
+
 
 def _load():
     try:
@@ -58,7 +64,6 @@ def box_iou_pairwise(
     valid2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(..., N, 4) x (..., M, 4) -> (..., N, M)`` fp32 via the CUDA kernel; semantics of ``box_iou``."""
-    from megatron_vrft.ops.box_iou import box_iou_pairwise_reference, pairwise_batch_shape
 
     if torch.float64 in (boxes1.dtype, boxes2.dtype):
         return box_iou_pairwise_reference(boxes1, boxes2, mode, valid1, valid2)
@@ -74,7 +79,6 @@ def box_iou_pairwise(
 
 def box_iou_elementwise(boxes1: torch.Tensor, boxes2: torch.Tensor, mode: str = "iou") -> torch.Tensor:
     """``(..., 4) x (..., 4) -> (...)`` fp32 via the CUDA kernel; semantics of ``box_iou_elementwise``."""
-    from megatron_vrft.ops.box_iou import box_iou_elementwise_reference
 
     if torch.float64 in (boxes1.dtype, boxes2.dtype):
         return box_iou_elementwise_reference(boxes1, boxes2, mode)
