@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_vrft.rl.policy_loss import POLICY_LOSSES, TokenPolicyLoss, expand_advantages
+from megatron_vrft.rl.policy_loss import POLICY_LOSSES, TokenPolicyLoss, clipped_surrogate, expand_advantages
 
 
 def _check_eps(clip_eps_low: float, clip_eps_high: float, max_low: float) -> None:
@@ -75,15 +75,10 @@ def compute_gspo_loss(
     adv = expand_advantages(advantages, log_probs).to(dtype)
     log_s = sequence_log_ratio(log_probs, old_log_probs, response_mask, log_ratio_clamp)
     ratio = torch.exp(log_s.unsqueeze(-1) + logp - logp.detach())
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
-    is_clipped = clipped > unclipped
-    loss = torch.where(is_clipped, clipped, unclipped)
-    ratio_d = ratio.detach()
+    loss, ratio_d, low, high = clipped_surrogate(ratio, adv, clip_eps_low, clip_eps_high)
     return TokenPolicyLoss(
         loss=loss, ratio=ratio_d, log_ratio=log_s.unsqueeze(-1).expand_as(ratio_d),
-        clipped_low=is_clipped & (ratio_d < 1), clipped_high=is_clipped & (ratio_d > 1),
-        dual_clipped=torch.zeros_like(is_clipped),
+        clipped_low=low, clipped_high=high, dual_clipped=torch.zeros_like(low),
     )
 
 

@@ -84,13 +84,22 @@ def _clipped(
     log_ratio = log_probs.to(dtype) - old_log_probs.to(dtype)
     if log_ratio_clamp is not None:
         log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
-    ratio = torch.exp(log_ratio)
+    loss, ratio_d, low, high = clipped_surrogate(torch.exp(log_ratio), adv, clip_eps_low, clip_eps_high)
+    return loss, adv, ratio_d, log_ratio.detach(), low, high
+
+
+def clipped_surrogate(
+    ratio: torch.Tensor, adv: torch.Tensor, clip_eps_low: float, clip_eps_high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))`` (strict comparison picks the branch);
+    returns ``(loss, detached ratio, clipped below 1, clipped above 1)``. Token (PPO) and sequence
+    (GSPO) ratios share it."""
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
     is_clipped = clipped > unclipped
     loss = torch.where(is_clipped, clipped, unclipped)
     ratio_d = ratio.detach()
-    return loss, adv, ratio_d, log_ratio.detach(), is_clipped & (ratio_d < 1), is_clipped & (ratio_d > 1)
+    return loss, ratio_d, is_clipped & (ratio_d < 1), is_clipped & (ratio_d > 1)
 
 
 @POLICY_LOSSES.register("ppo_clip")
