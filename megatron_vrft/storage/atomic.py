@@ -1,4 +1,5 @@
-"""Atomic directory output: written into a temporary sibling, renamed into place only on success.
+"""Atomic file and directory output: written into a temporary sibling, renamed into place only on
+success.
 
 A crash or an exception leaves the previous output (if any) untouched and no half-written one
 under the final name; the temporary sibling (``.NAME.partial-*``) is removed on exceptions.
@@ -36,3 +37,19 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]
     elif out.exists() or out.is_symlink():
         out.unlink()
     os.rename(tmp, out)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Replace ``path`` by ``data`` atomically: a temporary sibling, flushed and fsynced, then
+    ``os.replace`` (readers see the old content or the new, never a part)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -33,21 +33,13 @@ from typing import Any
 
 import torch.distributed as dist
 
+from megatron_vrft.storage import atomic_write_bytes
 from megatron_vrft.trainer.faults import maybe_crash
 
 logger = logging.getLogger(__name__)
 
 INCOMPLETE = ".incomplete"
 TRAIN_STATE_FILE = "train_state.json"
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -102,11 +94,11 @@ def save_checkpoint(
     if rank == 0:
         if describe is not None:
             describe(tmp)
-        _fsync_write(tmp / TRAIN_STATE_FILE, json.dumps({"step": step, "layout": layout}, indent=2).encode())
+        atomic_write_bytes(tmp / TRAIN_STATE_FILE, json.dumps({"step": step, "layout": layout}, indent=2).encode())
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_write(root / "latest", name.encode())
+        atomic_write_bytes(root / "latest", name.encode())
         complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(INCOMPLETE))
         for old in complete[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import uuid
 from pathlib import Path
 from typing import Any
+
+from megatron_vrft.storage import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +50,7 @@ class MetricsLogger:
                     kept.append(rec)
             self.records = kept
             if self._jsonl:
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-                os.replace(tmp, self.path)
+                atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from megatron_vrft.storage import atomic_dir as storage_atomic_dir
+from megatron_vrft.storage import atomic_write_bytes
 
 from ..errors import DataError
 
@@ -108,16 +109,10 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
 
 
 def atomic_write_text(out: str | os.PathLike, text: str, *, overwrite: bool = False) -> Path:
-    """Write ``text`` to ``out`` through a temporary sibling file and ``os.replace``."""
+    """Write ``text`` to ``out`` atomically (:func:`megatron_vrft.storage.atomic_write_bytes`)."""
     out = Path(out)
     _check_target(out, overwrite)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return atomic_write_bytes(out, text.encode("utf-8"))
 
 
 def safe_folder_name(label: str) -> str:
