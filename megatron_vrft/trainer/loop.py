@@ -61,13 +61,19 @@ def prompt_seed(seed: int, step: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0])
 
 
+def sft_warmup_before_grpo(cfg: VisualRFTConfig) -> int:
+    """SFT steps before GRPO starts (with a fresh optimizer); 0 when GRPO starts at once or the run
+    is SFT only."""
+    return cfg.trainer.sft_warmup_steps if cfg.algorithm.name == "grpo" else 0
+
+
 def train(cfg: VisualRFTConfig) -> TrainResult:
     run = build_run(cfg)
     timer = PhaseTimer()
     out_dir = Path(cfg.trainer.output_dir)
     total_steps = cfg.trainer.sft_warmup_steps + cfg.trainer.num_steps
     start_step = 0
-    warmup = cfg.trainer.sft_warmup_steps if cfg.algorithm.name == "grpo" else 0
+    warmup = sft_warmup_before_grpo(cfg)
     if cfg.trainer.resume and (path := ckpt.latest_checkpoint(out_dir)) is not None:
         start_step = load_train_state(run, path)
         logger.info("resumed from %s (step %d)", path, start_step)
@@ -85,7 +91,7 @@ def train(cfg: VisualRFTConfig) -> TrainResult:
         step_timer = PhaseTimer()
         if step <= cfg.trainer.sft_warmup_steps or cfg.algorithm.name == "sft":
             record = sft_step(run, step, step_timer)
-            if run.reference is not None and step == cfg.trainer.sft_warmup_steps and cfg.algorithm.name == "grpo":
+            if run.reference is not None and step == warmup:
                 with reference_resident(run):  # GRPO's reference is the warmed-up policy
                     copy_weights(run.actor.policies, run.reference)
         else:
@@ -464,7 +470,7 @@ def load_train_state(run: RunContext, path: Path) -> int:
     if not same_layout and run.rank == 0:
         logger.warning("resharding checkpoint %s from layout %s to %s; RNG states re-seeded",
                        path, written["layout"], run.layout_dict)
-    warmup = run.cfg.trainer.sft_warmup_steps if run.cfg.algorithm.name == "grpo" else 0
+    warmup = sft_warmup_before_grpo(run.cfg)
     if warmup and written["step"] >= warmup:
         run.actor.reset_optimizer(run.cfg.trainer.num_steps)  # the GRPO optimizer, then its state
     with reference_resident(run):
