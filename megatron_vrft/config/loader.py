@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 from megatron_vrft.config.errors import ConfigError
-from megatron_vrft.config.schema import VisualRFTConfig
+from megatron_vrft.config.schema import RETIRED_KEYS, VisualRFTConfig
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
@@ -96,6 +96,8 @@ def build_dataclass(cls: type[T], values: dict, path: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
+        if key not in fields and (retired := RETIRED_KEYS.get(_join(path, str(key)))) is not None:
+            raise ConfigError(_join(path, str(key)), values[key], f"no value here: {retired}")
         if key not in fields:
             hint = difflib.get_close_matches(str(key), list(fields), n=1)
             suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""

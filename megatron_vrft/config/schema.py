@@ -49,9 +49,6 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel_size: int = doc("Trainer tensor-parallel size (language model).", default=1)
     pipeline_parallel_size: int = doc("Trainer pipeline-parallel size.", default=1)
-    virtual_pipeline_parallel_size: int | None = doc(
-        "Interleaved virtual stages per pipeline rank; None disables interleaving.", default=None
-    )
     backend: Literal["auto", "nccl", "gloo"] = doc(
         "torch.distributed backend; 'auto' is nccl with CUDA, gloo without.", default="auto"
     )
@@ -60,15 +57,31 @@ class ParallelConfig:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", getattr(self, name), "an integer >= 1")
-        vpp = self.virtual_pipeline_parallel_size
-        if vpp is not None:
-            if vpp < 2:
-                raise ConfigError(f"{prefix}.virtual_pipeline_parallel_size", vpp, "None or an integer >= 2")
-            if self.pipeline_parallel_size < 2:
-                raise ConfigError(
-                    f"{prefix}.virtual_pipeline_parallel_size", vpp,
-                    "None unless pipeline_parallel_size >= 2",
-                )
+
+
+@dataclass(kw_only=True)
+class VLLMConfig:
+    """Options of the colocated vLLM engine only (``rollout.engine`` = vllm, or auto on a GPU)."""
+
+    tensor_parallel_size: int = doc(
+        "vLLM tensor-parallel size R, independent of the trainer's TP/PP: ranks [k*R, (k+1)*R) form "
+        "engine replica k (world = R x replicas).",
+        default=1,
+    )
+    gpu_memory_utilization: float = doc(
+        "Fraction of GPU memory the colocated vLLM engine may take while awake.", default=0.5
+    )
+    sleep_level: Literal[1, 2] = doc(
+        "vLLM sleep level between rollouts: 1 offloads weights to CPU, 2 discards them.", default=1
+    )
+
+    def validate(self, prefix: str) -> None:
+        if not 0 < self.gpu_memory_utilization < 1:
+            raise ConfigError(
+                f"{prefix}.gpu_memory_utilization", self.gpu_memory_utilization, "a float in (0, 1)"
+            )
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"{prefix}.tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
 
 
 @dataclass(kw_only=True)
@@ -78,20 +91,12 @@ class RolloutConfig:
         "with the same interface; 'auto' picks vLLM when importable with CUDA, else 'hf'.",
         default="auto",
     )
+    vllm: VLLMConfig = doc("Options of the vLLM engine.", default_factory=VLLMConfig)
     num_generations: int = doc("Group size G: responses sampled per prompt.", default=8)
     max_new_tokens: int = doc("Maximum tokens generated per response.", default=512)
     temperature: float = doc("Sampling temperature (also used for training log-probs).", default=1.0)
     top_p: float = doc("Nucleus sampling threshold in (0, 1].", default=1.0)
     top_k: int = doc("Top-k sampling; -1 disables.", default=-1)
-    tensor_parallel_size: int = doc(
-        "Rollout engine tensor-parallel size R, independent of the trainer's TP/PP.", default=1
-    )
-    gpu_memory_utilization: float = doc(
-        "Fraction of GPU memory the colocated vLLM engine may take while awake.", default=0.5
-    )
-    sleep_level: Literal[1, 2] = doc(
-        "vLLM sleep level between rollouts: 1 offloads weights to CPU, 2 discards them.", default=1
-    )
     prompts_per_call: int = doc(
         "Prompts per engine generate call. The step's prompts are cut into calls of this many, "
         "each seeded by (seed, step, call index) and dealt to the ranks round-robin, so the "
@@ -115,12 +120,6 @@ class RolloutConfig:
             raise ConfigError(f"{prefix}.top_p", self.top_p, "a float in (0, 1]")
         if self.top_k == 0 or self.top_k < -1:
             raise ConfigError(f"{prefix}.top_k", self.top_k, "-1 or an integer >= 1")
-        if not 0 < self.gpu_memory_utilization < 1:
-            raise ConfigError(
-                f"{prefix}.gpu_memory_utilization", self.gpu_memory_utilization, "a float in (0, 1)"
-            )
-        if self.tensor_parallel_size < 1:
-            raise ConfigError(f"{prefix}.tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
         if self.prompts_per_call < 1:
             raise ConfigError(f"{prefix}.prompts_per_call", self.prompts_per_call, "an integer >= 1")
         if self.weight_sync_bucket_mb < 1:
@@ -143,11 +142,11 @@ class AlgorithmConfig:
         "importance weight times the log-prob).",
         default="ppo_clip",
     )
-    clip_ratio_low: float = doc("Lower clip epsilon: ratio >= 1 - eps_low.", default=0.2)
-    clip_ratio_high: float = doc(
-        "Upper clip epsilon: ratio <= 1 + eps_high (DAPO clip-higher uses 0.28).", default=0.2
+    clip_eps_low: float = doc("Lower clip epsilon: ratio >= 1 - clip_eps_low.", default=0.2)
+    clip_eps_high: float = doc(
+        "Upper clip epsilon: ratio <= 1 + clip_eps_high (DAPO clip-higher uses 0.28).", default=0.2
     )
-    dual_clip_c: float = doc("Dual-clip constant c > 1 (used by policy_loss='dual_clip').", default=3.0)
+    clip_ratio_c: float = doc("Dual-clip constant c > 1 (used by policy_loss='dual_clip').", default=3.0)
     kl_estimator: Literal["k1", "k2", "k3"] = doc(
         "KL(pi || pi_ref) estimator; k3 is the low-variance one GRPO uses.", default="k3"
     )
@@ -174,14 +173,14 @@ class AlgorithmConfig:
     ppo_epochs: int = doc("Optimisation passes over each rollout batch.", default=1)
 
     def validate(self, prefix: str) -> None:
-        for name in ("clip_ratio_low", "clip_ratio_high", "kl_coef", "kl_clamp", "entropy_coef"):
+        for name in ("clip_eps_low", "clip_eps_high", "kl_coef", "kl_clamp", "entropy_coef"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ConfigError(f"{prefix}.{name}", value, "a float >= 0")
         if not self.rollout_correction_threshold > 0:
             raise ConfigError(f"{prefix}.rollout_correction_threshold", self.rollout_correction_threshold, "a float > 0")
-        if not self.dual_clip_c > 1:
-            raise ConfigError(f"{prefix}.dual_clip_c", self.dual_clip_c, "a float > 1")
+        if not self.clip_ratio_c > 1:
+            raise ConfigError(f"{prefix}.clip_ratio_c", self.clip_ratio_c, "a float > 1")
         if self.ppo_epochs < 1:
             raise ConfigError(f"{prefix}.ppo_epochs", self.ppo_epochs, "an integer >= 1")
 
@@ -357,7 +356,11 @@ class TrainerConfig:
 
 @dataclass(kw_only=True)
 class LoggingConfig:
-    log_interval: int = doc("Steps between metric lines.", default=1)
+    log_interval: int = doc(
+        "Steps between updates of the metrics shown on the console (the progress bar's read-out, "
+        "or a metric line when the progress bar is off). Every step is written to the metric sinks.",
+        default=1,
+    )
     progress_bar: bool = doc("Show tqdm progress bars on long work.", default=True)
     plots: bool = doc("Write PNG plots of metrics to output_dir.", default=True)
     jsonl: bool = doc("Append metrics to output_dir/metrics.jsonl.", default=True)
@@ -390,3 +393,18 @@ class VisualRFTConfig:
 
     def validate(self, prefix: str = "") -> None:
         pass
+
+
+RETIRED_KEYS: dict[str, str] = {
+    "algorithm.clip_ratio_low": "renamed to 'algorithm.clip_eps_low' (the rl/ name)",
+    "algorithm.clip_ratio_high": "renamed to 'algorithm.clip_eps_high' (the rl/ name)",
+    "algorithm.dual_clip_c": "renamed to 'algorithm.clip_ratio_c' (the rl/ name)",
+    "rollout.tensor_parallel_size": "moved to 'rollout.vllm.tensor_parallel_size' (a vLLM option)",
+    "rollout.gpu_memory_utilization": "moved to 'rollout.vllm.gpu_memory_utilization' (a vLLM option)",
+    "rollout.sleep_level": "moved to 'rollout.vllm.sleep_level' (a vLLM option)",
+    "parallel.virtual_pipeline_parallel_size": (
+        "removed: interleaved pipeline stages are not wired into the trainer (its token-budget "
+        "micro-batches vary in shape); the model and the converter support them"
+    ),
+}
+"""Keys that configs used to have: loading one is an error that says what replaced it."""

@@ -58,7 +58,7 @@ from .records import (
     load_image,
     read_image_size,
 )
-from .sampler import PromptBatcher, build_epoch_order
+from .sampler import PromptBatcher, build_epoch_order, dp_shard
 from .sampling import sample_k_shot
 from .synthetic import (
     build_synthetic_classification,
@@ -70,6 +70,7 @@ from .tokenizer import (
     QWEN2VL_SPECIAL_TOKENS,
     build_tiny_tokenizer,
     load_tokenizer,
+    stop_token_ids,
 )
 
 __all__ = [
@@ -102,6 +103,7 @@ __all__ = [
     "build_classification_prompt",
     "build_detection_prompt",
     "build_epoch_order",
+    "dp_shard",
     "build_grounding_prompt",
     "build_image_processor",
     "build_qwen2vl_processor",
@@ -116,6 +118,7 @@ __all__ = [
     "ground_truth_in_model_space",
     "load_image",
     "load_tokenizer",
+    "stop_token_ids",
     "preprocess_record",
     "preprocess_records",
     "read_coco_detection",

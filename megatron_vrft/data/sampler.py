@@ -25,6 +25,15 @@ def build_epoch_order(
     return np.random.default_rng([int(seed), int(epoch)]).permutation(num_records).astype(np.int64)
 
 
+def dp_shard(num_items: int, *, dp_rank: int, dp_size: int) -> slice:
+    """This data-parallel rank's contiguous share of ``num_items`` (a multiple of ``dp_size``):
+    the one definition of DP sharding, for prompts and for the groups of a rollout."""
+    if num_items % dp_size:
+        raise ValueError(f"{num_items} items do not split evenly over {dp_size} data-parallel ranks")
+    per_rank = num_items // dp_size
+    return slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+
+
 @dataclass(kw_only=True)
 class PromptBatcher:
     """Yields this rank's record indices, one step (global batch) at a time."""
@@ -70,10 +79,10 @@ class PromptBatcher:
         order = build_epoch_order(
             self.num_records, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle
         )
-        per_rank = self.global_batch_size // self.dp_size
-        start = self.step_in_epoch * self.global_batch_size + self.dp_rank * per_rank
+        start = self.step_in_epoch * self.global_batch_size
         self.step_in_epoch += 1
-        return order[start : start + per_rank]
+        batch = order[start : start + self.global_batch_size]
+        return batch[dp_shard(self.global_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size)]
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed}

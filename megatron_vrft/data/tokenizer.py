@@ -208,3 +208,14 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+"""Tokens that end a response: the chat turn's end, and the document end."""
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """Ids of :data:`STOP_TOKENS` the tokenizer has (the first one ends SFT targets)."""
+    ids = tokenizer.convert_tokens_to_ids(list(STOP_TOKENS))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return tuple(i for i in ids if i is not None and i != unk)

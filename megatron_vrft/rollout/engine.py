@@ -21,6 +21,14 @@ ENGINE_NAMES = ("hf", "vllm")
 
 class RolloutEngine(Protocol):
     name: str
+    num_replicas: int
+    """Independent engine replicas over the world (world / the engine's tensor-parallel size);
+    each generates its own share of the calls."""
+    replica_index: int
+    """This rank's replica."""
+    reports_samples: bool
+    """True on the one rank per replica that returns the replica's samples (its other ranks return
+    the same samples)."""
 
     def generate(self, prompts: Sequence[PreprocessedExample], sampling: SamplingParams, *, seed: int) -> RolloutBatch:
         """``sampling.n`` responses per prompt; ``seed`` seeds the call (same seed on the ranks of one

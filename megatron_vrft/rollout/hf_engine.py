@@ -15,17 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from megatron_vrft.data.processing import PreprocessedExample
-from megatron_vrft.models.qwen2_vl.arch import Qwen2VLArch
+from megatron_vrft.models.qwen2_vl.arch import Qwen2VLArch, hf_classes
 from megatron_vrft.models.qwen2_vl.state_dict_adapter import hf_hub_name, hf_in_memory_name, hf_param_shapes
 from megatron_vrft.rollout.types import FINISH_LENGTH, FINISH_STOP, RolloutBatch, SamplingParams
-
-
-def _hf_model_class(family: str):
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
-
-    return Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
 
 
 class WeightUpdateError(ValueError):
@@ -79,11 +74,15 @@ class HFEngine:
         self.blocked_token_ids = sorted(set(int(t) for t in blocked_token_ids))
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = _hf_model_class(arch.family)._from_config(arch.hf_config, dtype=dtype).to(self.device).eval()
+        self.model = hf_classes(arch.family).for_generation._from_config(arch.hf_config, dtype=dtype).to(self.device).eval()
         self._expected = hf_param_shapes(arch)
         self._params = dict(self.model.named_parameters())
         self.weights_version = 0
         self._asleep = False
+        # one replica per rank: each generates its own calls and reports them
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.num_replicas, self.replica_index = world, dist.get_rank() if dist.is_initialized() else 0
+        self.reports_samples = True
 
     # -- weights -------------------------------------------------------------------------------
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -292,6 +292,7 @@ class VLLMEngine:
         self.num_replicas = world // tensor_parallel_size
         self.replica_index = rank // tensor_parallel_size
         self.tp_rank = rank % tensor_parallel_size
+        self.reports_samples = self.tp_rank == 0
         self._spmd = spmd
 
         # -- model directory -------------------------------------------------------------------

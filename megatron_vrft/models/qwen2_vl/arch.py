@@ -13,6 +13,35 @@ from typing import Any, Literal
 ModelFamily = Literal["qwen2_vl", "qwen2_5_vl"]
 SUPPORTED_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl")
 
+@dataclass(frozen=True)
+class HFClasses:
+    """The transformers classes of one model family."""
+
+    config: type
+    """``Qwen2VLConfig`` / ``Qwen2_5_VLConfig``."""
+    model: type
+    """The backbone (``Qwen2VLModel`` / ``Qwen2_5_VLModel``: its ``get_rope_index`` gives M-RoPE positions)."""
+    for_generation: type
+    """``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``."""
+
+
+def hf_classes(family: str) -> HFClasses:
+    """The transformers classes of ``family`` ("qwen2_vl" or "qwen2_5_vl"); the one place that
+    chooses between the two."""
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+        return HFClasses(config=Qwen2VLConfig, model=Qwen2VLModel, for_generation=Qwen2VLForConditionalGeneration)
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+        return HFClasses(config=Qwen2_5_VLConfig, model=Qwen2_5_VLModel,
+                         for_generation=Qwen2_5_VLForConditionalGeneration)
+    raise ValueError(f"unknown model family {family!r}; expected one of {SUPPORTED_FAMILIES}")
+
+
 # HF's default when a config carries no mrope_section (Qwen2VLRotaryEmbedding does the same).
 _DEFAULT_MROPE_SECTION = (16, 24, 24)
 

@@ -20,21 +20,11 @@ from functools import partial
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_vrft.models.qwen2_vl.arch import Qwen2VLArch
+from megatron_vrft.models.qwen2_vl.arch import Qwen2VLArch, hf_classes
 from megatron_vrft.models.qwen2_vl.spec import use_transformer_engine
 
 IMAGE_TOKEN_TYPE = 1
 """``mm_token_type_ids`` value of image placeholder tokens (0 text, 1 image, 2 video)."""
-
-
-def _hf_model_class(arch: Qwen2VLArch):
-    if arch.family == "qwen2_vl":
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
-
-        return Qwen2VLModel
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-
-    return Qwen2_5_VLModel
 
 
 def compute_mm_token_type_ids(arch: Qwen2VLArch, input_ids: torch.Tensor) -> torch.Tensor:
@@ -65,7 +55,7 @@ def compute_mrope_position_ids(
         )
     if mm_token_type_ids is None:
         mm_token_type_ids = compute_mm_token_type_ids(arch, input_ids)
-    cls = _hf_model_class(arch)
+    cls = hf_classes(arch.family).model
     shim = types.SimpleNamespace(config=arch.hf_config)
     shim.get_vision_position_ids = partial(cls.get_vision_position_ids, shim)
     position_ids, _ = cls.get_rope_index(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from megatron_vrft.models.qwen2_vl.arch import hf_classes
+
 PRESET_SIZES: dict[str, dict[str, int]] = {
     # hidden, intermediate, layers, heads, kv heads, vision depth, vision width. head_dim is 32 in
     # both: vLLM's CPU attention supports head sizes 32, 64, 80, ... (not 8 or 16), and 2 query
@@ -30,8 +32,6 @@ def padded_vocab_size(num_tokens: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 def build_preset_hf_config(family: str, preset: str, tokenizer: Any) -> Any:
     """A transformers ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` of the named size for ``tokenizer``."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
-
     if preset not in PRESET_SIZES:
         raise ValueError(f"unknown preset {preset!r}; available: {sorted(PRESET_SIZES)}")
     size = PRESET_SIZES[preset]
@@ -63,21 +63,20 @@ def build_preset_hf_config(family: str, preset: str, tokenizer: Any) -> Any:
     if family == "qwen2_vl":
         vision = dict(depth=size["vdepth"], embed_dim=size["vwidth"], hidden_size=size["hidden"],
                       num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-        return Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+        return hf_classes(family).config(text_config=text, vision_config=vision, **tokens)
     if family == "qwen2_5_vl":
         vision = dict(depth=size["vdepth"], hidden_size=size["vwidth"], intermediate_size=2 * size["vwidth"],
                       out_hidden_size=size["hidden"], num_heads=2, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2, window_size=56, fullatt_block_indexes=[size["vdepth"] - 1])
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+        return hf_classes(family).config(text_config=text, vision_config=vision, **tokens)
     raise ValueError(f"unknown model family {family!r}; expected 'qwen2_vl' or 'qwen2_5_vl'")
 
 
 def build_preset_hf_model(family: str, preset: str, tokenizer: Any, *, seed: int = 0):
     """A randomly initialised transformers model for the preset (eval mode, float32)."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     config = build_preset_hf_config(family, preset, tokenizer)
-    cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    cls = hf_classes(family).for_generation
     torch.manual_seed(seed)
     return cls(config).eval()

@@ -62,7 +62,7 @@ from typing import Any, Literal
 
 import torch
 
-from megatron_vrft.models.qwen2_vl.arch import SUPPORTED_FAMILIES, Qwen2VLArch, build_qwen2_vl_arch
+from megatron_vrft.models.qwen2_vl.arch import SUPPORTED_FAMILIES, Qwen2VLArch, build_qwen2_vl_arch, hf_classes
 
 LayerSpec = Literal["local", "te"]
 HfGetter = Callable[[str], torch.Tensor] | Mapping[str, torch.Tensor]
@@ -73,12 +73,9 @@ VISION = "vision."
 
 
 def _config_from_dict(d: dict) -> Any:
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
-
-    cls = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig}.get(d.get("model_type"))
-    if cls is None:
+    if d.get("model_type") not in SUPPORTED_FAMILIES:
         raise ValueError(f"unsupported model_type {d.get('model_type')!r}; expected one of {SUPPORTED_FAMILIES}")
-    return cls(**{k: v for k, v in d.items() if k != "model_type"})
+    return hf_classes(d["model_type"]).config(**{k: v for k, v in d.items() if k != "model_type"})
 
 
 def as_arch(arch: Qwen2VLArch | Any) -> Qwen2VLArch:
