@@ -27,12 +27,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megatron_vrft import builders
 from megatron_vrft.config import VisualRFTConfig, config_to_dict
+from megatron_vrft.data import dp_shard
 from megatron_vrft.data.prompts import format_answer
 from megatron_vrft.eval.evaluate import evaluate_completions
 from megatron_vrft.rl import aggregate_loss, compute_grpo_loss, compute_kl, compute_rollout_correction
 from megatron_vrft.rollout.offload import Offloader, trainer_tensors
-from megatron_vrft.rollout.types import RolloutBatch, SamplingParams, ScoredBatch
+from megatron_vrft.rollout.engine import RolloutEngine
+from megatron_vrft.rollout.types import RolloutBatch, SamplingParams
 from megatron_vrft.rollout.weight_export import export_hf_weights
 from megatron_vrft.trainer import checkpoint as ckpt
 from megatron_vrft.trainer.faults import fault_active, maybe_crash, poisoned
@@ -108,8 +111,11 @@ def train(cfg: VisualRFTConfig) -> TrainResult:
         metrics.log(step, record)
         last = record
         if step % cfg.logging.log_interval == 0:
-            bar.set_postfix({k.split("/")[-1]: f"{record[k]:.3f}" for k in ("reward/total", "reward/accuracy", "sft_loss")
-                             if k in record}, refresh=False)
+            shown = {k.split("/")[-1]: f"{record[k]:.3f}" for k in ("reward/total", "reward/accuracy", "sft_loss")
+                     if k in record}
+            bar.set_postfix(shown, refresh=False)
+            if bar.disable and run.rank == 0:
+                logger.info("step %d/%d %s", step, total_steps, " ".join(f"{k}={v}" for k, v in shown.items()))
         bar.update(1)
         if run.eval_prompts and cfg.trainer.eval_interval and step % cfg.trainer.eval_interval == 0 \
                 and step != total_steps:  # the last step's evaluation follows the HF export
@@ -153,28 +159,31 @@ def sft_step(run: RunContext, step: int, timer: PhaseTimer) -> dict:
     with timer.phase("data"):
         prompts = [run.examples[i] for i in run.batcher.next_indices()]
         rng = random.Random(prompt_seed(cfg.trainer.seed, step, 2**31))  # not a call index
+        class_names = sorted({e.ground_truth.label for e in run.examples if e.ground_truth.label})
+        end_of_answer = run.sampling.stop_token_ids[0]
         responses = []
         for p in prompts:
             gt = p.ground_truth
             if cfg.algorithm.name == "grpo" and cfg.trainer.sft_warmup_answers == "random":
-                gt = type(gt)(label=rng.choice(run.class_names))
+                gt = type(gt)(label=rng.choice(class_names))
             text = format_answer(gt, p.task)
-            responses.append(torch.tensor(run.tokenizer.encode(text, add_special_tokens=False) + [run.stop_ids[0]]))
+            responses.append(torch.tensor(run.tokenizer.encode(text, add_special_tokens=False) + [end_of_answer]))
         # Answers are drawn for the whole batch, then sliced: the same whatever the DP size.
-        prompts, responses = dp_slice(run, prompts), dp_slice(run, responses)
-        mbs = build_micro_batches(run.arch, prompts, responses, micro_batch_tokens=cfg.trainer.micro_batch_tokens,
-                                  pad_token_id=run.pad_id)
-    total = dp_share(run, sum(mb.num_tokens for mb in mbs))
+        mine = dp_shard(len(prompts), dp_rank=run.groups.dp_rank, dp_size=run.groups.dp_size)
+        mbs = build_micro_batches(run.arch, prompts[mine], responses[mine],
+                                  micro_batch_tokens=cfg.trainer.micro_batch_tokens,
+                                  pad_token_id=run.tokenizer.pad_token_id)
+    total = dp_mean(sum(mb.num_tokens for mb in mbs), group=run.groups.dp_group)
 
     def loss_fn(mb: MicroBatch, lp: torch.Tensor, ent: torch.Tensor):
         loss = aggregate_loss(-lp, mb.response_mask, "token-mean", normalizer=total)
-        return loss, {"sft_loss": float(loss.detach()), "entropy": float((ent * mb.response_mask).sum() / total)}
+        return loss, {"sft_loss": float(loss.detach()), "entropy": float((ent.detach() * mb.response_mask).sum() / total)}
 
     if fault_active("nan_loss", step):
         loss_fn = poisoned(loss_fn)
     with timer.phase("update"):
         stats, opt = run.actor.train_step(mbs, loss_fn, temperature=1.0)
-    out = {"phase": "sft", **_reduce_stats(run, stats, sums=("sft_loss", "entropy")), **opt}
+    out = {"phase": "sft", **mean_over_ranks(sum_micro_batch_stats(stats, sums=("sft_loss", "entropy"))), **opt}
     out.update(model_flops_metrics(run, mbs, passes=3, seconds=timer.seconds["update"]))
     return out
 
@@ -195,8 +204,9 @@ def grpo_step(run: RunContext, step: int, timer: PhaseTimer, *, sync_weights: bo
             released_bytes = offloader.offload(offload)
     with timer.phase("rollout"):
         run.engine.wake_up(["kv_cache"])
-        batch = rollout(run, prompts, step=step)
-        run.engine.sleep(cfg.rollout.sleep_level)
+        batch = rollout(run.engine, prompts, run.sampling, seed=cfg.trainer.seed, step=step,
+                        prompts_per_call=cfg.rollout.prompts_per_call)
+        run.engine.sleep(cfg.rollout.vllm.sleep_level)
     if offload:
         with timer.phase("offload"):
             offloader.onload()
@@ -207,10 +217,10 @@ def grpo_step(run: RunContext, step: int, timer: PhaseTimer, *, sync_weights: bo
         scored = score_rollout(batch, gts, terms=run.reward_terms, options=run.reward_options,
                                advantage_estimator=cfg.algorithm.advantage_estimator)
         record = {"phase": "grpo", **scored_metrics(scored, cfg.rollout.num_generations)}
-        local = dp_rows(run, scored)
+        local = dp_rows(batch.group_ids, batch.num_groups, dp_rank=run.groups.dp_rank, dp_size=run.groups.dp_size)
         mbs = build_micro_batches(
             run.arch, [batch.prompt_of(i) for i in local], [batch.response_ids[i] for i in local],
-            micro_batch_tokens=cfg.trainer.micro_batch_tokens, pad_token_id=run.pad_id,
+            micro_batch_tokens=cfg.trainer.micro_batch_tokens, pad_token_id=run.tokenizer.pad_token_id,
             advantages=scored.advantages[local], sampling_logprobs=[batch.sampling_logprobs[i] for i in local],
         )  # fmt: skip
     temperature = cfg.rollout.temperature
@@ -230,14 +240,20 @@ def grpo_step(run: RunContext, step: int, timer: PhaseTimer, *, sync_weights: bo
                                    blocked_token_ids=run.actor.blocked_token_ids)
             for mb, lp in zip(mbs, old or [None] * len(mbs)):
                 mb.old_logprobs = lp
-    loss_fn = build_grpo_loss_fn(run, mbs)
+    a = cfg.algorithm
+    total_tokens = dp_mean(sum(mb.num_tokens for mb in mbs), group=run.groups.dp_group)
+    total_rows = dp_mean(sum(int((mb.response_mask.sum(1) > 0).sum()) for mb in mbs), group=run.groups.dp_group)
+    loss_fn = build_grpo_loss_fn(
+        builders.grpo_loss_options(a), correction=builders.rollout_correction_options(a), entropy_coef=a.entropy_coef,
+        normalizer=total_tokens if a.loss_agg_mode == "token-mean" else total_rows, total_tokens=total_tokens,
+    )  # fmt: skip
     if fault_active("nan_loss", step):
         loss_fn = poisoned(loss_fn)
     with timer.phase("update"):
         for epoch in range(cfg.algorithm.ppo_epochs):
             stats, opt = run.actor.train_step(mbs, loss_fn, temperature=temperature)
             if epoch == 0:
-                record.update(_reduce_stats(run, stats, sums=_SUMMED))
+                record.update(mean_over_ranks(sum_micro_batch_stats(stats, sums=SUMMED_STATS)))
             record.update(opt)
     if offload:
         record["memory/offloaded_during_rollout_mb"] = released_bytes / 2**20
@@ -266,37 +282,34 @@ def model_flops_metrics(run: RunContext, mbs: list[MicroBatch], *, passes: int, 
     return out
 
 
-_SUMMED = ("loss", "pg_loss", "kl_loss", "entropy", "rollout/logprob_abs_diff_mean", "rollout/kl_k3",
+SUMMED_STATS = ("loss", "pg_loss", "kl_loss", "entropy", "rollout/logprob_abs_diff_mean", "rollout/kl_k3",
            "clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean", "rollout/rollout_is_mean",
            "rollout/rollout_is_truncated_frac", "rollout/rollout_is_masked_frac", "rollout/rollout_kl_k3")
 
 
-def build_grpo_loss_fn(run: RunContext, mbs: list[MicroBatch]):
-    a = run.cfg.algorithm
-    total_tokens = dp_share(run, sum(mb.num_tokens for mb in mbs))
-    total_rows = dp_share(run, sum(int((mb.response_mask.sum(1) > 0).sum()) for mb in mbs))
-    normalizer = total_tokens if a.loss_agg_mode == "token-mean" else total_rows
+def build_grpo_loss_fn(loss_options: dict, *, correction: dict | None, entropy_coef: float, normalizer: float,
+                       total_tokens: float):
+    """The per-micro-batch GRPO loss and its stats, for megatron's schedule.
+
+    ``loss_options``: ``rl.compute_grpo_loss`` keywords (``builders.grpo_loss_options``);
+    ``correction``: ``rl.compute_rollout_correction`` keywords or None; ``normalizer``: the global
+    token or sequence count the loss is a sum over (DP mean, see :func:`dp_mean`); ``total_tokens``:
+    the global token count, which weighs the micro-batch means in the stats.
+    """
+    loss_agg_mode = loss_options["loss_agg_mode"]
 
     def loss_fn(mb: MicroBatch, lp: torch.Tensor, ent: torch.Tensor):
         mask = mb.response_mask
         old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
-        weights, correction = None, {}
-        if a.rollout_correction != "none":
-            weights, correction = compute_rollout_correction(
-                old, mb.sampling_logprobs, mask, level=a.rollout_correction, mode=a.rollout_correction_mode,
-                threshold=a.rollout_correction_threshold,
-            )
-        out = compute_grpo_loss(
-            lp, old, mb.ref_logprobs, mb.advantages, mask, policy_loss=a.policy_loss,
-            loss_agg_mode=a.loss_agg_mode, clip_eps_low=a.clip_ratio_low, clip_eps_high=a.clip_ratio_high,
-            clip_ratio_c=a.dual_clip_c, kl_estimator=a.kl_estimator, kl_coef=a.kl_coef,
-            kl_clamp=a.kl_clamp, normalizer=normalizer, kl_importance_weighted=a.kl_importance_weighted,
-            token_weights=weights, impl="auto",
-        )  # fmt: skip
+        weights, correction_stats = None, {}
+        if correction is not None:
+            weights, correction_stats = compute_rollout_correction(old, mb.sampling_logprobs, mask, **correction)
+        out = compute_grpo_loss(lp, old, mb.ref_logprobs, mb.advantages, mask, normalizer=normalizer,
+                                token_weights=weights, impl="auto", **loss_options)
         loss = out.loss
-        entropy = aggregate_loss(ent, mask, a.loss_agg_mode, normalizer=normalizer)
-        if a.entropy_coef:
-            loss = loss - a.entropy_coef * entropy
+        entropy = aggregate_loss(ent, mask, loss_agg_mode, normalizer=normalizer)
+        if entropy_coef:
+            loss = loss - entropy_coef * entropy
         w = mb.num_tokens / max(total_tokens, 1)
         m = out.metrics
         mismatch = (mb.sampling_logprobs - lp.detach()) * mask
@@ -312,32 +325,27 @@ def build_grpo_loss_fn(run: RunContext, mbs: list[MicroBatch]):
             stats["kl_loss"] = float(m["kl_loss"])
         for k in ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean"):
             stats[k] = float(m[k]) * w
-        for k, v in correction.items():
+        for k, v in correction_stats.items():
             stats[f"rollout/{k}"] = float(v) * w
         return loss, stats
 
     return loss_fn
 
 
-def rollout(run: RunContext, prompts: list, *, step: int) -> RolloutBatch:
-    """Generate for ``prompts``: calls of ``rollout.prompts_per_call`` prompts, each seeded by
+def rollout(engine: RolloutEngine, prompts: list, sampling: SamplingParams, *, seed: int, step: int,
+            prompts_per_call: int) -> RolloutBatch:
+    """Generate for ``prompts``: calls of ``prompts_per_call`` prompts, each seeded by
     ``(seed, step, call)``, dealt to the engine replicas round-robin and gathered on every rank in
     prompt order. The samples depend on neither the world size nor the trainer's TP/PP layout."""
-    per_call = run.cfg.rollout.prompts_per_call
-    calls = [list(range(s, min(s + per_call, len(prompts)))) for s in range(0, len(prompts), per_call)]
-    # Engine replicas: contiguous blocks of its tensor-parallel size (1 for the transformers
-    # engine); the ranks of one replica generate the same calls, its first rank reports them.
-    replica_tp = getattr(run.engine, "tensor_parallel_size", 1)
-    replica, num_replicas = run.rank // replica_tp, run.world_size // replica_tp
+    calls = [list(range(s, min(s + prompts_per_call, len(prompts)))) for s in range(0, len(prompts), prompts_per_call)]
     parts = []
-    for c in range(replica, len(calls), num_replicas):
-        local = run.engine.generate([prompts[i] for i in calls[c]], run.sampling,
-                                    seed=prompt_seed(run.cfg.trainer.seed, step, c))
+    for c in range(engine.replica_index, len(calls), engine.num_replicas):
+        local = engine.generate([prompts[i] for i in calls[c]], sampling, seed=prompt_seed(seed, step, c))
         rows = local.rows()
         rows.group_ids = rows.group_ids + calls[c][0]
         parts.append(rows)
-    gathered = [None] * run.world_size
-    dist.all_gather_object(gathered, parts if run.rank % replica_tp == 0 else [])
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, parts if engine.reports_samples else [])
     batch = RolloutBatch.from_rows(prompts, [p for rank_parts in gathered for p in rank_parts])
     order = torch.argsort(batch.group_ids, stable=True)
     return RolloutBatch(
@@ -347,37 +355,37 @@ def rollout(run: RunContext, prompts: list, *, step: int) -> RolloutBatch:
     )  # fmt: skip
 
 
-def dp_share(run: RunContext, local_count: int) -> float:
+def dp_mean(local_count: float, *, group) -> float:
     """The data-parallel mean of a count. Losses normalised by it and averaged over DP ranks by
     megatron's DDP equal the loss of the whole batch normalised by the global count."""
     t = torch.tensor(float(local_count), dtype=torch.float64)
-    dist.all_reduce(t, group=run.groups.dp_group)
-    return float(t) / run.groups.dp_size
+    dist.all_reduce(t, group=group)
+    return float(t) / dist.get_world_size(group)
 
 
-def dp_slice(run: RunContext, prompts: list) -> list:
-    per = len(prompts) // run.groups.dp_size
-    return prompts[run.groups.dp_rank * per : (run.groups.dp_rank + 1) * per]
+def dp_rows(group_ids: torch.Tensor, num_groups: int, *, dp_rank: int, dp_size: int) -> list[int]:
+    """Rows of this data-parallel rank: those of the groups in its :func:`dp_shard` of the prompts."""
+    mine = dp_shard(num_groups, dp_rank=dp_rank, dp_size=dp_size)
+    return [i for i, g in enumerate(group_ids.tolist()) if mine.start <= g < mine.stop]
 
 
-def dp_rows(run: RunContext, scored: ScoredBatch) -> list[int]:
-    """Rows of this data-parallel rank: the groups of its slice of the prompts."""
-    per = scored.rollout.num_groups // run.groups.dp_size
-    lo, hi = run.groups.dp_rank * per, (run.groups.dp_rank + 1) * per
-    return [i for i, g in enumerate(scored.rollout.group_ids.tolist()) if lo <= g < hi]
+def sum_micro_batch_stats(stats: list[dict] | None, *, sums: tuple[str, ...]) -> dict:
+    """One rank's stats of a step from its micro-batches' (last pipeline stage; others have none):
+    ``*_max`` keys by max, ``sums`` keys summed (they are pre-weighted per micro-batch), the rest
+    dropped."""
+    local: dict = {}
+    for s in stats or []:
+        for k, v in s.items():
+            if k.endswith("_max"):
+                local[k] = max(local.get(k, float("-inf")), v)
+            elif k in sums:
+                local[k] = local.get(k, 0.0) + v
+    return local
 
 
-def _reduce_stats(run: RunContext, stats: list[dict] | None, *, sums: tuple[str, ...]) -> dict:
-    """Sum this rank's per-micro-batch stats (last stage), then average over data-parallel ranks."""
-    local = {}
-    if stats:
-        for s in stats:
-            for k, v in s.items():
-                if k.endswith("_max"):
-                    local[k] = max(local.get(k, float("-inf")), v)
-                elif k in sums:
-                    local[k] = local.get(k, 0.0) + v
-    gathered = [None] * run.world_size
+def mean_over_ranks(local: dict) -> dict:
+    """Each key's mean over the ranks that have it (every rank of the world takes part)."""
+    gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     filled = [g for g in gathered if g]
     keys = sorted({k for g in filled for k in g})
@@ -391,21 +399,16 @@ def evaluate(run: RunContext, step: int) -> dict:
     run.engine.wake_up(["weights"])
     run.engine.update_weights(policy_weights(run))
     run.engine.wake_up(["kv_cache"])
-    greedy = SamplingParams(n=1, greedy=True, max_new_tokens=cfg.rollout.max_new_tokens,
-                            stop_token_ids=run.stop_ids)
     prompts = run.eval_prompts
-    saved, run.sampling = run.sampling, greedy
-    try:
-        batch = rollout(run, prompts, step=0)
-    finally:
-        run.sampling = saved
-    run.engine.sleep(cfg.rollout.sleep_level)
+    batch = rollout(run.engine, prompts, run.eval_sampling, seed=cfg.trainer.seed, step=0,
+                    prompts_per_call=cfg.rollout.prompts_per_call)
+    run.engine.sleep(cfg.rollout.vllm.sleep_level)
     scored = score_rollout(batch, run.eval_ground_truths, terms=run.reward_terms, options=run.reward_options,
                            advantage_estimator="drgrpo")
     out = {f"eval/{k.split('/', 1)[1]}": v for k, v in scored_metrics(scored, 1).items() if k.startswith("reward/")}
     # the task metrics tools/evaluate.py reports (accuracy / COCO mAP / grounding IoU), same code
     task = evaluate_completions(cfg.data.task, batch.texts, batch.ground_truths(),
-                                **({"mode": cfg.reward.classification_mode} if cfg.data.task == "classification" else {}))
+                                **builders.eval_options(cfg.data, cfg.reward))
     out.update({f"eval/task/{k}": float(v) for k, v in task.items() if isinstance(v, (int, float))})
     out["eval/num_prompts"] = len(prompts)
     if run.rank == 0:
@@ -457,7 +460,7 @@ def save_train_state(run: RunContext, step: int) -> Path:
 
     with reference_resident(run):
         return ckpt.save_checkpoint(
-            run.cfg.trainer.output_dir, step, train_state(run, step), layout=run.layout_dict,
+            run.cfg.trainer.output_dir, step, train_state(run, step), layout=run.layout,
             keep=run.cfg.trainer.keep_checkpoints,
             describe=lambda d: write_checkpoint_meta(d, run.arch),
         )  # fmt: skip
@@ -466,10 +469,10 @@ def save_train_state(run: RunContext, step: int) -> Path:
 def load_train_state(run: RunContext, path: Path) -> int:
     """Restore the run from checkpoint ``path`` (written at any layout); returns its step."""
     written = ckpt.read_train_state(path)
-    same_layout = written["layout"] == run.layout_dict
+    same_layout = written["layout"] == run.layout
     if not same_layout and run.rank == 0:
         logger.warning("resharding checkpoint %s from layout %s to %s; RNG states re-seeded",
-                       path, written["layout"], run.layout_dict)
+                       path, written["layout"], run.layout)
     warmup = sft_warmup_before_grpo(run.cfg)
     if warmup and written["step"] >= warmup:
         run.actor.reset_optimizer(run.cfg.trainer.num_steps)  # the GRPO optimizer, then its state
@@ -495,7 +498,6 @@ def policy_weights(run: RunContext):
     model-parallel group iterates it to the end). One export feeds the engine and the HF writer."""
     return itertools.chain.from_iterable(
         export_hf_weights(run.actor.policies, run.arch, run.groups,
-                          num_virtual_stages=run.cfg.parallel.virtual_pipeline_parallel_size,
                           bucket_bytes=run.cfg.rollout.weight_sync_bucket_mb * 2**20))
 
 

@@ -4,23 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from megatron_vrft.config import VisualRFTConfig
 from megatron_vrft.rewards import GroundTruth, compute_rewards
 from megatron_vrft.rl import compute_advantages
 from megatron_vrft.rollout.types import RolloutBatch, ScoredBatch
-
-
-def reward_terms(cfg: VisualRFTConfig) -> tuple[list[tuple[str, float]], dict[str, dict[str, Any]]]:
-    """Config -> ``compute_rewards`` arguments (names, weights, per-reward options)."""
-    terms = [(t.name, t.weight) for t in cfg.reward.terms]
-    names = {n for n, _ in terms}
-    options: dict[str, dict[str, Any]] = {}
-    if "accuracy" in names:
-        options["accuracy"] = {"mode": cfg.reward.classification_mode}
-    for name in ("iou", "confidence"):
-        if name in names:
-            options[name] = {"matching": cfg.reward.matching, "iou_threshold": cfg.reward.iou_threshold}
-    return terms, options
 
 
 def score_rollout(
