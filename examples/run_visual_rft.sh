@@ -25,20 +25,17 @@ exec torchrun \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29512}" \
   examples/run_visual_rft.sh "$@"
 ":"""
-# Python part: what each torchrun rank runs.
+# Python part: what each torchrun rank runs: tools/train.py with the default config when none is given.
 import os
+import runpy
 import sys
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-sys.path.insert(0, ROOT)
 os.chdir(ROOT)
-
-import train  # noqa: E402  (tools/train.py)
-
 args = sys.argv[1:]
 if args and args[0].endswith((".yaml", ".yml")):
     config, overrides = args[0], args[1:]
 else:
     config, overrides = os.path.join("examples", "configs", "tiny_cpu.yaml"), args
-sys.exit(train.main(["--config", config, *overrides]))
+sys.argv = [os.path.join(ROOT, "tools", "train.py"), "--config", config, *overrides]
+runpy.run_path(sys.argv[0], run_name="__main__")

@@ -7,6 +7,7 @@ megatron's globals, so the model code can be handed other groups later.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -121,6 +122,26 @@ def destroy_model_parallel() -> None:
     mpu.destroy_model_parallel()
 
 
+def init_distributed(backend: str = "auto") -> None:
+    """Start ``torch.distributed`` for this process: the torchrun world (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR`` in the environment), or a world of one on a free local port for a plain
+    ``python`` run. ``backend`` 'auto' is nccl with CUDA, gloo without; with CUDA the rank's
+    device is ``LOCAL_RANK``. The one process-group start-up of the trainer and the tools."""
+    if dist.is_initialized():
+        return
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
 @contextlib.contextmanager
 def single_rank_world(layout: ParallelLayout | None = None, *, seed: int = 1234) -> Iterator[ParallelGroups]:
     """A 1-rank gloo world with megatron's groups, for one-process tools and tests.
@@ -131,10 +152,11 @@ def single_rank_world(layout: ParallelLayout | None = None, *, seed: int = 1234)
     """
     created = not dist.is_initialized()
     if created:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        saved = {k: os.environ.pop(k) for k in ("RANK",) if k in os.environ}  # a world of one, even under torchrun
+        try:
+            init_distributed("gloo")
+        finally:
+            os.environ.update(saved)
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     try:

@@ -1,0 +1,79 @@
+"""The command-line front of every tool that takes a run config (train, evaluate).
+
+One way to read ``--config RUN.yaml [dotted.key=value ...]`` and ``--help-config``, and one way to
+end: a user error (config, data, a path) prints one line ``error: ...`` on standard error and exits
+with :data:`EXIT_USER_ERROR`; anything else is a crash with its traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from megatron_vrft.config import ConfigError, VisualRFTConfig, describe_config, load_config
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+"""A config, data or path error the user can fix; the message names it."""
+
+
+class UserError(Exception):
+    """An error in what the user asked for (not a bug): printed as one line, exit :data:`EXIT_USER_ERROR`."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types a front reports as one line: config and data errors, missing paths, YAML syntax."""
+    import yaml
+
+    from megatron_vrft.data.errors import DataError
+
+    return (UserError, ConfigError, DataError, FileNotFoundError, NotADirectoryError, yaml.YAMLError)
+
+
+def config_parser(description: str | None, *, config_required: bool = True) -> argparse.ArgumentParser:
+    """An argument parser with the shared config arguments: ``--config``, ``--help-config`` and the
+    trailing ``dotted.key=value`` overrides (a tool adds its own flags)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=False, help="YAML run config" + (" (required)" if config_required else ""))
+    parser.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
+    parser.set_defaults(_config_required=config_required)
+    return parser
+
+
+def load_run_config(args: argparse.Namespace) -> VisualRFTConfig:
+    """The config ``args`` name (``--config`` plus overrides); raises a user error."""
+    if args.config is None and args._config_required:
+        raise UserError("--config RUN.yaml is required (python3 tools/train.py --help-config lists every field)")
+    try:
+        return load_config(args.config, args.overrides)
+    except FileNotFoundError as err:
+        raise UserError(f"--config {args.config}: no such file") from err
+    except ConfigError:
+        raise
+    except Exception as err:  # a YAML syntax error: name the file and the place
+        import yaml
+
+        if isinstance(err, yaml.YAMLError):
+            where = getattr(err, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            raise UserError(f"--config {args.config}: not valid YAML{at}: {getattr(err, 'problem', err)}") from err
+        raise
+
+
+def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+        argv: Sequence[str] | None = None, *, report: Callable[[], bool] = lambda: True) -> int:
+    """Parse ``argv``, answer ``--help-config``, then ``main(args)``; a user error becomes one line
+    on standard error (printed where ``report()`` is true, e.g. rank 0 only) and
+    :data:`EXIT_USER_ERROR`."""
+    args = parser.parse_args(argv)
+    if args.help_config:
+        print("\n".join(describe_config()))
+        return EXIT_OK
+    try:
+        return main(args)
+    except user_errors() as err:
+        if report():
+            print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
