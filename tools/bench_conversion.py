@@ -24,12 +24,6 @@ import time
 from pathlib import Path
 
 
-def _repo_on_path() -> None:
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-
-
 def _anon_rss() -> int:
     """Anonymous resident memory of this process in bytes (0 where /proc is unavailable)."""
     try:
@@ -156,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    _repo_on_path()
     if args.phase is not None:
         args.hf_dir = os.path.join(args.workdir, "hf")
         args.mg_dir = os.path.join(args.workdir, "mg")

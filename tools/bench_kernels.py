@@ -30,7 +30,6 @@ import importlib
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -364,7 +363,6 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     torch.manual_seed(0)
     peaks = measure_peaks(torch, args.device)

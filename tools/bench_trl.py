@@ -57,7 +57,7 @@ ALIGNED = {
     "scale_rewards": ("'group'", "'group' = algorithm.advantage_estimator grpo: (r - mean) / (std + eps)"),
     "beta": ("0.0", "0.04 = algorithm.kl_coef (k3 estimator in both)"),
     "use_bias_correction_kl": ("True", "False = algorithm.kl_importance_weighted false"),
-    "epsilon": ("0.2", "0.2 = algorithm.clip_ratio_low/high"),
+    "epsilon": ("0.2", "0.2 = algorithm.clip_eps_low/high"),
     "num_iterations": ("1", "1 = algorithm.ppo_epochs"),
     "gradient_checkpointing": ("True", "False (our trainer does not recompute activations)"),
     "learning_rate": ("1e-6", "optimizer.lr"),
@@ -219,7 +219,7 @@ def child_trl(args, out_json: Path, work: Path) -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from megatron_vrft.data import build_qwen2vl_processor, load_records, preprocess_records
+    from megatron_vrft.data import build_qwen2vl_processor, load_records, preprocess_records, stop_token_ids
     from megatron_vrft.rewards import compute_rewards
     from megatron_vrft.rollout.engine import vision_token_ids
 
@@ -268,7 +268,7 @@ def child_trl(args, out_json: Path, work: Path) -> None:
             self.rss.append(_rss_mb())
             self.t = now
 
-    stop_ids = [i for i in tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) if i is not None]
+    stop_ids = list(stop_token_ids(tokenizer))
     blocked = vision_token_ids(tokenizer, config.text_config.vocab_size if hasattr(config, "text_config")
                                else config.vocab_size)
     cfg = GRPOConfig(

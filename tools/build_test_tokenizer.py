@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+
+from megatron_vrft.data.tokenizer import build_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from megatron_vrft.data.tokenizer import build_tiny_tokenizer  # noqa: E402
 
 
 def main() -> None:

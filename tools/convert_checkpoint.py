@@ -20,15 +20,8 @@ import argparse
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
-
-
-def _repo_on_path() -> None:
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
 
 
 def _fixed_inputs(arch, *, seed: int):
@@ -150,7 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _repo_on_path()
     from megatron_vrft.models import conversion
     from megatron_vrft.models.qwen2_vl.state_dict_adapter import as_arch
 

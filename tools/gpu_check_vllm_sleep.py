@@ -19,11 +19,7 @@ sleep allocator is outside torch's caching allocator). Exits 1 on a mismatch.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def used_gib() -> float:
@@ -50,6 +46,7 @@ def main() -> int:
         return 2
 
     from megatron_vrft.data import build_qwen2vl_processor, build_tiny_tokenizer, load_records, preprocess_records
+    from megatron_vrft.data import stop_token_ids
     from megatron_vrft.models.qwen2_vl.build import preset_source
     from megatron_vrft.rollout.engine import vision_token_ids
     from megatron_vrft.rollout.types import SamplingParams
@@ -60,8 +57,7 @@ def main() -> int:
     source = preset_source(args.family, args.preset, tok, seed=0)
     records = load_records("synthetic", "classification", num_synthetic=8, synthetic_kind="color")
     prompts, _ = preprocess_records(records, build_qwen2vl_processor(tok, min_pixels=pixels, max_pixels=pixels))
-    stop = (tok.convert_tokens_to_ids("<|im_end|>"),)
-    sampling = SamplingParams(n=4, temperature=0.7, max_new_tokens=16, stop_token_ids=stop)
+    sampling = SamplingParams(n=4, temperature=0.7, max_new_tokens=16, stop_token_ids=stop_token_ids(tok))
     seed = 0
 
     baseline = used_gib()

@@ -25,9 +25,6 @@ import sys
 import time
 import zlib
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", choices=("hf", "vllm"), default="hf")
@@ -66,39 +63,38 @@ def run(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from megatron_vrft.data import build_qwen2vl_processor, build_tiny_tokenizer, load_records, load_tokenizer
-    from megatron_vrft.data import preprocess_records
-    from megatron_vrft.distributed.parallel_state import ParallelLayout, initialize_model_parallel
+    from megatron_vrft import builders
+    from megatron_vrft.config import load_config
+    from megatron_vrft.distributed.parallel_state import ParallelLayout, init_distributed, initialize_model_parallel
     from megatron_vrft.models.qwen2_vl.build import build_policy, load_hf_source, preset_source
     from megatron_vrft.models.qwen2_vl.state_dict_adapter import hf_in_memory_name
-    from megatron_vrft.rollout.engine import build_engine, resolve_engine_name, vision_token_ids
-    from megatron_vrft.rollout.types import SamplingParams
+    from megatron_vrft.rollout.engine import vision_token_ids
     from megatron_vrft.rollout.weight_export import export_hf_weights
     from megatron_vrft.trainer.actor import forward_logprobs
     from megatron_vrft.trainer.batching import build_micro_batches
 
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    init_distributed("auto")
+    device = builders.default_device()
     layout = ParallelLayout(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp)
     groups = initialize_model_parallel(layout, seed=0)
-    tokenizer = build_tiny_tokenizer() if args.checkpoint is None else load_tokenizer(args.checkpoint)
-    processor = build_qwen2vl_processor(tokenizer, min_pixels=56 * 56, max_pixels=112 * 112)
-    records = load_records("synthetic", "classification", num_synthetic=args.prompts, synthetic_kind="color")
-    prompts, _ = preprocess_records(records, processor)
+    # the run this check stands for: the colour task's prompts, the engine and sampling as a run builds them
+    cfg = load_config(None, [
+        "model.family=qwen2_vl", f"model.hf_path={args.checkpoint or 'null'}", "data.source=synthetic",
+        "data.task=classification", "data.synthetic_kind=color", f"data.num_synthetic={args.prompts}",
+        f"data.min_pixels={56 * 56}", f"data.max_pixels={112 * 112}", f"rollout.engine={args.engine}",
+        f"rollout.num_generations={args.samples}", f"rollout.temperature={args.temperature}",
+        f"rollout.max_new_tokens={args.max_new_tokens}",
+    ])  # fmt: skip
+    tokenizer = builders.build_tokenizer(cfg.model)
+    prompts = builders.build_examples(cfg.data, builders.build_processor(tokenizer, cfg.data),
+                                      builders.build_records(cfg.data))
     source = (preset_source("qwen2_vl", "tiny", tokenizer, seed=0) if args.checkpoint is None
               else load_hf_source(args.checkpoint))
     chunks = build_policy(source, layout, groups, params_dtype=torch.float32)
     arch = chunks[0].arch
-    blocked = vision_token_ids(tokenizer, arch.vocab_size)  # as in training
-    engine = build_engine(resolve_engine_name(args.engine), arch, tokenizer=tokenizer, blocked_token_ids=blocked,
-                          device=device, dtype=torch.float32,
-                          **({} if args.engine == "hf" else dict(min_pixels=56 * 56, max_pixels=112 * 112)))
-    stop = tuple(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
-    sampling = SamplingParams(n=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                              stop_token_ids=stop)
+    engine = builders.build_engine(builders.resolve_engine(cfg.rollout), cfg.rollout, cfg.data, arch, tokenizer,
+                                   device=device, dtype=torch.float32, seed=0)
+    sampling = builders.build_sampling(cfg.rollout, tokenizer)
     bucket_bytes = int(args.bucket_mb * 2**20)
     figures = {"engine": args.engine, "tp": args.tp, "pp": args.pp, "temperature": args.temperature}
 
@@ -134,17 +130,17 @@ def run(args) -> int:
         dst = torch.empty_like(src)
         start = time.perf_counter()
         dst.copy_(src)
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.synchronize()
         figures[f"{tag}_plain_copy_bytes_per_s"] = nbytes / max(time.perf_counter() - start, 1e-9)
 
     def compare(tag: str) -> float:
         batch = engine.generate(prompts, sampling, seed=1234)
         mbs = build_micro_batches(arch, [batch.prompt_of(i) for i in range(len(batch))], batch.response_ids,
-                                  micro_batch_tokens=4096, pad_token_id=stop[0],
+                                  micro_batch_tokens=4096, pad_token_id=sampling.stop_token_ids[0],
                                   sampling_logprobs=batch.sampling_logprobs)
         trainer = forward_logprobs(chunks, mbs, groups=groups, temperature=args.temperature,
-                                   blocked_token_ids=blocked)
+                                   blocked_token_ids=vision_token_ids(tokenizer, arch.vocab_size))  # as in training
         worst = torch.zeros((), dtype=torch.float64)
         if trainer is not None:
             for mb, lp in zip(mbs, trainer):

@@ -66,7 +66,7 @@ def test_int_is_accepted_for_float_but_not_reverse():
     [
         ("algorithm.kl_estimator=k4", "algorithm.kl_estimator", "'k1', 'k2', 'k3'"),
         ("model.dtype=fp8", "model.dtype", "'float32', 'bfloat16', 'float16'"),
-        ("rollout.sleep_level=3", "rollout.sleep_level", "1, 2"),
+        ("rollout.vllm.sleep_level=3", "rollout.vllm.sleep_level", "1, 2"),
         ("algorithm.loss_agg_mode=mean", "algorithm.loss_agg_mode", "'token-mean'"),
         ("reward.matching=optimal", "reward.matching", "'greedy', 'hungarian'"),
     ],
@@ -87,6 +87,35 @@ def test_unknown_key_suggests_close_match():
     assert "did you mean 'kl_coef'" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "old, new, value",
+    [
+        ("algorithm.clip_ratio_low", "algorithm.clip_eps_low", 0.1),
+        ("algorithm.clip_ratio_high", "algorithm.clip_eps_high", 0.28),
+        ("algorithm.dual_clip_c", "algorithm.clip_ratio_c", 2.5),
+        ("rollout.tensor_parallel_size", "rollout.vllm.tensor_parallel_size", 2),
+        ("rollout.gpu_memory_utilization", "rollout.vllm.gpu_memory_utilization", 0.3),
+        ("rollout.sleep_level", "rollout.vllm.sleep_level", 2),
+    ],
+)
+def test_retired_key_names_its_replacement(old, new, value):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.family=qwen2_vl", "data.source=synthetic", "data.task=detection", f"{old}={value}"])
+    assert f"'{old}'" in str(info.value) and f"'{new}'" in str(info.value)
+    # the new name takes the value
+    cfg = load_config(None, ["model.family=qwen2_vl", "data.source=synthetic", "data.task=detection", f"{new}={value}"])
+    node = cfg
+    for part in new.split("."):
+        node = getattr(node, part)
+    assert node == value
+
+
+def test_removed_key_says_why():
+    with pytest.raises(ConfigError, match="not wired into the trainer"):
+        load_config(None, ["model.family=qwen2_vl", "data.source=synthetic", "data.task=detection",
+                           "parallel.virtual_pipeline_parallel_size=2"])
+
+
 def test_unknown_section_is_rejected():
     with pytest.raises(ConfigError, match="'rollouts'"):
         load_config(None, ["model.family=qwen2_vl", "data.source=synthetic", "data.task=detection",
@@ -104,11 +133,11 @@ def test_missing_required_field_is_named():
     "override, field",
     [
         ("parallel.tensor_parallel_size=0", "parallel.tensor_parallel_size"),
-        ("parallel.virtual_pipeline_parallel_size=2", "parallel.virtual_pipeline_parallel_size"),
+        ("rollout.vllm.gpu_memory_utilization=1.0", "rollout.vllm.gpu_memory_utilization"),
         ("rollout.top_p=0", "rollout.top_p"),
         ("rollout.top_k=0", "rollout.top_k"),
         ("rollout.temperature=-1", "rollout.temperature"),
-        ("algorithm.dual_clip_c=1.0", "algorithm.dual_clip_c"),
+        ("algorithm.clip_ratio_c=1.0", "algorithm.clip_ratio_c"),
         ("algorithm.kl_coef=-0.1", "algorithm.kl_coef"),
         ("data.k_shot=0", "data.k_shot"),
         ("data.source=coco", "data.path"),
