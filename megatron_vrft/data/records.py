@@ -305,24 +305,6 @@ def check_ground_truth_boxes(
     return dataclasses.replace(gt, **checked) if checked else gt
 
 
-def check_images(record: VisualRecord, *, decode: bool) -> tuple[int, int]:
-    """Check every image of ``record`` exists and is readable (fully decoded if ``decode``);
-    returns ``(W, H)`` of the first. Raises :class:`DataError` naming the file."""
-    sizes = []
-    for source in record.images:
-        if decode:
-            sizes.append(load_image(source).size)
-        else:
-            sizes.append(read_image_size(source))
-    return int(sizes[0][0]), int(sizes[0][1])
-
-
-def as_image_list(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
-    if isinstance(images, (str, os.PathLike, EncodedImage, Image.Image)):
-        return [images]
-    return list(images)
-
-
 @dataclass(kw_only=True)
 class RecordSet:
     """What a reader returns: the records and the skip counts of the read."""
