@@ -37,6 +37,7 @@ from .errors import (
     OnError,
     OutOfBounds,
     SkipCounts,
+    raise_or_skip,
 )
 
 TaskType = Literal["classification", "detection", "grounding"]
@@ -251,11 +252,10 @@ def check_detection_boxes(
     )
     if not keep.all():
         bad = boxes[np.argmin(keep)].tolist()
-        message = f"{int((~keep).sum())} degenerate box(es) (zero area or non-finite), first {bad}"
-        if on_error == "raise":
-            raise DataError(f"{name}: {message}", DEGENERATE_BOX)
-        for _ in range(int((~keep).sum())):
-            skips.add(DEGENERATE_BOX, name, message + "; box dropped")
+        num_bad = int((~keep).sum())
+        message = f"{num_bad} degenerate box(es) (zero area or non-finite), first {bad}"
+        raise_or_skip(on_error, skips, DataError(f"{name}: {message}", DEGENERATE_BOX), name,
+                      count=num_bad, skip_message=message + "; box dropped")
     if categories is not None:
         categories = tuple(c for c, k in zip(categories, keep) if k)
     return boxes[keep], categories
