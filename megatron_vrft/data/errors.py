@@ -4,7 +4,7 @@ Every reader and the preprocessing take ``on_error: "raise" | "skip"``. With ``"
 bad record raises :class:`DataError` naming the file / record / field. With ``"skip"`` the record
 is dropped, counted under a reason in a :class:`SkipCounts` owned by the caller's result, and
 logged with its name; nothing is dropped silently. Box clipping is counted the same way even though
-it keeps the record.
+it keeps the record. :func:`raise_or_skip` is the one place that decision is made.
 """
 
 from __future__ import annotations
@@ -89,11 +89,20 @@ def check_on_error(on_error: str) -> None:
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
 
-def handle_bad_record(
-    on_error: OnError, skips: SkipCounts, reason: str, name: str, message: str
+def raise_or_skip(
+    on_error: OnError,
+    skips: SkipCounts,
+    error: DataError,
+    name: str,
+    *,
+    count: int = 1,
+    skip_message: str | None = None,
 ) -> None:
-    """Raise :class:`DataError` (``on_error="raise"``) or count the skip. Callers drop the record
-    after this returns."""
+    """The one spelling of the ``on_error`` decision for a bad record (or box): raise ``error``
+    under ``"raise"``; under ``"skip"`` count ``count`` events of ``name`` under ``error.reason``
+    (logged with ``skip_message``, default ``str(error)``) and return, the caller then dropping
+    what was bad. Called while handling an exception, the raised error chains to it."""
     if on_error == "raise":
-        raise DataError(f"{name}: {message}", reason)
-    skips.add(reason, name, message)
+        raise error
+    for _ in range(count):
+        skips.add(error.reason, name, str(error) if skip_message is None else skip_message)

@@ -31,6 +31,7 @@ from .errors import (
     OutOfBounds,
     SkipCounts,
     check_on_error,
+    raise_or_skip,
 )
 from .records import (
     GroundTruth,
@@ -292,9 +293,7 @@ def preprocess_records(
                 )
             )
         except DataError as exc:
-            if on_error == "raise":
-                raise
-            skips.add(exc.reason, record.source_id, str(exc))
+            raise_or_skip(on_error, skips, exc, record.source_id)
     if not out:
         raise DataError(f"no records left to preprocess ({num_in} in; skipped: {skips.summary()})")
     return out, skips

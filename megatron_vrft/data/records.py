@@ -37,6 +37,7 @@ from .errors import (
     OnError,
     OutOfBounds,
     SkipCounts,
+    raise_or_skip,
 )
 
 TaskType = Literal["classification", "detection", "grounding"]
@@ -251,11 +252,10 @@ def check_detection_boxes(
     )
     if not keep.all():
         bad = boxes[np.argmin(keep)].tolist()
-        message = f"{int((~keep).sum())} degenerate box(es) (zero area or non-finite), first {bad}"
-        if on_error == "raise":
-            raise DataError(f"{name}: {message}", DEGENERATE_BOX)
-        for _ in range(int((~keep).sum())):
-            skips.add(DEGENERATE_BOX, name, message + "; box dropped")
+        num_bad = int((~keep).sum())
+        message = f"{num_bad} degenerate box(es) (zero area or non-finite), first {bad}"
+        raise_or_skip(on_error, skips, DataError(f"{name}: {message}", DEGENERATE_BOX), name,
+                      count=num_bad, skip_message=message + "; box dropped")
     if categories is not None:
         categories = tuple(c for c, k in zip(categories, keep) if k)
     return boxes[keep], categories
@@ -303,24 +303,6 @@ def check_ground_truth_boxes(
     if gt.box is not None:
         checked["box"] = check_grounding_box(gt.box, **kw)
     return dataclasses.replace(gt, **checked) if checked else gt
-
-
-def check_images(record: VisualRecord, *, decode: bool) -> tuple[int, int]:
-    """Check every image of ``record`` exists and is readable (fully decoded if ``decode``);
-    returns ``(W, H)`` of the first. Raises :class:`DataError` naming the file."""
-    sizes = []
-    for source in record.images:
-        if decode:
-            sizes.append(load_image(source).size)
-        else:
-            sizes.append(read_image_size(source))
-    return int(sizes[0][0]), int(sizes[0][1])
-
-
-def as_image_list(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
-    if isinstance(images, (str, os.PathLike, EncodedImage, Image.Image)):
-        return [images]
-    return list(images)
 
 
 @dataclass(kw_only=True)

@@ -8,7 +8,7 @@ change when other classes are added or removed, and the same seed always gives t
 from __future__ import annotations
 
 import random
-from typing import Callable, Hashable, Iterable, Mapping, Sequence, TypeVar
+from typing import Callable, Hashable, Mapping, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -53,8 +53,3 @@ def sample_k_shot(
                 chosen.append(item)
         picked[key] = chosen
     return picked
-
-
-def flatten_groups(groups: Mapping[Hashable, Iterable[T]]) -> list[tuple[Hashable, T]]:
-    """``[(key, item), ...]`` over groups in mapping order."""
-    return [(key, item) for key, items in groups.items() for item in items]

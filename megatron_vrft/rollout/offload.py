@@ -87,6 +87,3 @@ class Offloader:
                 storage = t.untyped_storage()
                 storage.resize_(host.numel())
                 torch.tensor([], dtype=torch.uint8, device=t.device).set_(storage).copy_(host)
-
-    def is_offloaded(self, kind: str) -> bool:
-        return kind in self._saved

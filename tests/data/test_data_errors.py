@@ -187,3 +187,15 @@ def test_processor_rejection_becomes_a_named_data_error(tmp_path):
         preprocess_records([rec], proc)
     with pytest.raises(DataError, match="no records left"):
         preprocess_records([rec], proc, on_error="skip")
+
+
+def test_raise_or_skip_is_the_one_on_error_decision():
+    from megatron_vrft.data.errors import DEGENERATE_BOX, SkipCounts, raise_or_skip
+
+    error = DataError("a.json: row 3: 2 degenerate box(es)", DEGENERATE_BOX)
+    with pytest.raises(DataError, match="row 3") as err:
+        raise_or_skip("raise", SkipCounts(), error, "a.json: row 3")
+    assert err.value is error
+    skips = SkipCounts()
+    assert raise_or_skip("skip", skips, error, "a.json: row 3", count=2, skip_message="box dropped") is None
+    assert skips.counts == {DEGENERATE_BOX: 2} and skips.examples[DEGENERATE_BOX][0] == "a.json: row 3"

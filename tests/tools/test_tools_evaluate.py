@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.scripted_policy import ScriptedPolicy
 
 from megatron_vrft.config import load_config
-from megatron_vrft.rollout.scripted import ScriptedPolicy
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "evaluate.py"
 spec = importlib.util.spec_from_file_location("evaluate_tool", TOOL)

@@ -34,12 +34,16 @@ def run(*args):
                           env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("config,task", [("tiny_cpu.yaml", "classification"),
-                                         ("synthetic_detection.yaml", "detection")])
-def test_evaluate_checkpoint_writes_report_and_resumes(checkpoint, tmp_path, config, task):
-    cfg = ROOT / "examples" / "configs" / config
+# detection: the synthetic scenes at 224 x 224 in Qwen2-VL's native box space, with its rewards
+DETECTION = ["data.task=detection", "data.coord_space=norm_1000", "data.max_pixels=50176",
+             "reward.terms=[{name: format}, {name: iou}, {name: confidence}]"]
+
+
+@pytest.mark.parametrize("task,overrides", [("classification", []), ("detection", DETECTION)])
+def test_evaluate_checkpoint_writes_report_and_resumes(checkpoint, tmp_path, task, overrides):
+    cfg = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
     args = ["--config", cfg, "--checkpoint", checkpoint, "--output-dir", tmp_path, "--batch-size", "3",
-            "data.num_synthetic=5", "rollout.max_new_tokens=6"]
+            "data.num_synthetic=5", "rollout.max_new_tokens=6", *overrides]
     proc = run(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     preds = (tmp_path / "predictions.jsonl").read_text().splitlines()

@@ -48,6 +48,7 @@ from ..errors import (
     OutOfBounds,
     SkipCounts,
     check_on_error,
+    raise_or_skip,
 )
 from ..prompts import build_detection_prompt
 from ..records import GroundTruth, RecordSet, VisualRecord, check_detection_boxes
@@ -194,9 +195,8 @@ def read_coco_detection(
                 )
             return True
         except DataError as exc:
-            if on_error == "raise":
-                raise DataError(f"{name}: {exc}", exc.reason) from exc
-            skips.add(exc.reason, name, str(exc))
+            error = DataError(f"{name}: {exc}", exc.reason)
+            raise_or_skip(on_error, skips, error, name, skip_message=str(exc))
             return False
 
     # Candidate images per category, in id order.

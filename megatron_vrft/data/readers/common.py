@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import DataError, OnError, SkipCounts
+from ..errors import BAD_ANNOTATION, DataError, OnError, SkipCounts, raise_or_skip
 from ..records import ImageSource, RecordSet, VisualRecord, load_image, read_image_size
 
 
@@ -51,11 +51,8 @@ def record_or_skip(
         return build()
     except DataError as exc:
         message = str(exc) if name in str(exc) else f"{name}: {exc}"
-        if on_error == "raise":
-            raise DataError(message, exc.reason) from exc
-        skips.add(exc.reason, name, message)
+        raise_or_skip(on_error, skips, DataError(message, exc.reason), name)
     except ValueError as exc:
-        if on_error == "raise":
-            raise DataError(f"{name}: {exc}") from exc
-        skips.add("bad_annotation", name, str(exc))
+        error = DataError(f"{name}: {exc}", BAD_ANNOTATION)
+        raise_or_skip(on_error, skips, error, name, skip_message=str(exc))
     return None

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..errors import EMPTY_CATEGORIES, DataError, OnError, SkipCounts, check_on_error
+from ..errors import EMPTY_CATEGORIES, DataError, OnError, SkipCounts, check_on_error, raise_or_skip
 from ..prompts import build_classification_prompt
 from ..records import GroundTruth, RecordSet, VisualRecord
 from ..sampling import sample_k_shot
@@ -84,9 +84,7 @@ def read_image_folder(
             checker.size(path, str(path))
             return True
         except DataError as exc:
-            if on_error == "raise":
-                raise
-            skips.add(exc.reason, str(path), str(exc))
+            raise_or_skip(on_error, skips, exc, str(path))
             return False
 
     per_class: dict[str, list[Path]] = {}

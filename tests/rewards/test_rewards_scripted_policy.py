@@ -1,8 +1,11 @@
+"""The scripted policy (tests/helpers): full marks at quality 1, rewards falling with quality,
+malformed completions counted, seeded."""
+
 import numpy as np
 import pytest
+from helpers.scripted_policy import ScriptedPolicy
 
 from megatron_vrft.rewards import compute_rewards
-from megatron_vrft.rollout.scripted import ScriptedPolicy
 
 DET_GT = {"boxes": np.array([[10.0, 20.0, 60.0, 90.0], [100.0, 40.0, 150.0, 80.0]]),
           "categories": ["star", "star"], "coord_space": "pixels_resized", "resized_size": (224, 168),

@@ -1,6 +1,6 @@
 """A scripted policy: completions of a chosen quality, sampled from the ground truth.
 
-Used where a model's behaviour must be known in advance (the reward/eval pipeline's quality sweep,
+A test aid, used where a model's behaviour must be known in advance (the rewards' quality sweep,
 tests of rewards and evaluation). ``quality`` in [0, 1] controls every error source at once:
 
 - format: with probability ``0.4 * (1 - quality)`` the completion is malformed (missing think block,
