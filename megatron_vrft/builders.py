@@ -186,3 +186,92 @@ def rollout_correction_options(algorithm: AlgorithmConfig) -> dict[str, Any] | N
     if a.rollout_correction == "none":
         return None
     return dict(level=a.rollout_correction, mode=a.rollout_correction_mode, threshold=a.rollout_correction_threshold)
+
+
+# -- evaluation of a checkpoint (tools/evaluate.py) --------------------------------------------------
+# Appended for "evaluation as a library": the config -> object steps of tools/evaluate.py; the
+# generation and scoring themselves are megatron_vrft.eval (predictions.py, evaluate.py).
+
+
+def build_checkpoint_tokenizer(model: ModelConfig, tokenizer_dir=None):
+    """The tokenizer a checkpoint carries (``tokenizer_dir``, e.g. ``open_checkpoint(...).tokenizer_dir``
+    of an HF checkpoint), else the run's (:func:`build_tokenizer`: ``model.hf_path`` or the tiny one)."""
+    return load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else build_tokenizer(model)
+
+
+def build_eval_sampling(rollout: RolloutConfig, tokenizer, *, temperature: float = 0.0) -> SamplingParams:
+    """One answer per prompt with the run's response budget and stop tokens: greedy at
+    ``temperature == 0``, else sampled at ``temperature`` (no top-p / top-k)."""
+    greedy = build_sampling(rollout, tokenizer, greedy=True)
+    if temperature == 0:
+        return greedy
+    return SamplingParams(n=1, temperature=temperature, max_new_tokens=greedy.max_new_tokens,
+                          stop_token_ids=greedy.stop_token_ids)
+
+
+def build_eval_ground_truths(data: DataConfig, records: RecordSet) -> list:
+    """Every record's ground truth in the model's box space (``data.coord_space``), in record
+    order, without decoding the images: the size comes from the record (or the image header) and
+    the resize from the Qwen2-VL image processor at ``data.min_pixels`` / ``data.max_pixels``,
+    exactly as preprocessing maps it. So records whose images fail to decode later still have a
+    ground truth (and count as missing answers). A record without a size whose header is
+    unreadable keeps its ground truth as is when it has no boxes (classification), else raises
+    ``DataError`` naming it; one whose size the image processor rejects (preprocessing skips it
+    too) keeps its boxes in the annotation's space when ``data.coord_space`` needs the resize
+    (detection is scored in original pixels either way)."""
+    import dataclasses
+
+    from megatron_vrft.data import (
+        DataError,
+        build_image_processor,
+        compute_resized_size,
+        ground_truth_in_model_space,
+        read_image_size,
+    )
+
+    image_processor = build_image_processor(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+    out = []
+    for record in records:
+        size = record.image_size
+        if size is None:  # a header read, no full decode
+            try:
+                size = read_image_size(record.images[0])
+            except DataError as exc:
+                gt = record.ground_truth
+                if gt.boxes is None and gt.box is None:
+                    out.append(gt)
+                    continue
+                raise DataError(f"record {record.source_id}: its boxes cannot be mapped into "
+                                f"{data.coord_space}: {exc}", exc.reason) from exc
+            record = dataclasses.replace(record, image_size=size)
+        try:
+            resized = compute_resized_size(*size, image_processor)
+        except ValueError:  # the processor rejects the image (aspect ratio): never answered, so
+            resized = None  # it only counts as missing; its boxes stay where they can be mapped
+        try:
+            # COCO crowd regions travel with it: ignored by COCOeval, never false positives
+            out.append(ground_truth_in_model_space(record, data.coord_space, resized_size=resized))
+        except ValueError:
+            if resized is not None:
+                raise
+            out.append(record.ground_truth)
+    return out
+
+
+def eval_score_options(
+    data: DataConfig, reward: RewardConfig, records: RecordSet, *, protocol: str = "coco"
+) -> dict[str, Any]:
+    """``eval.score_predictions`` options for ``records``: the classification matching rule, or
+    the detection protocol; with ``protocol == "lvis"`` or an LVIS source, the LVIS labels
+    (frequencies, negative / not-exhaustive categories per image) of the records' annotation file,
+    for AP/APr/APc/APf by the LVIS API."""
+    if data.task != "detection":
+        return eval_options(data, reward)
+    options: dict[str, Any] = {"protocol": protocol}
+    if protocol == "lvis" or data.source == "lvis":
+        from megatron_vrft.eval.lvis_map import lvis_labels_from_file
+
+        if data.source not in ("coco", "lvis"):
+            raise ConfigError("data.source", data.source, "'lvis' or 'coco' (an annotation file) for LVIS evaluation")
+        options["lvis"] = lvis_labels_from_file(records.source, [int(r.metadata["image_id"]) for r in records])
+    return options

@@ -19,162 +19,53 @@ records already answered. Unreadable images are listed and counted; the rest are
 ``data.coord_space``; ground truth is mapped into that space with the Qwen2-VL image processor's
 resize (``data.min_pixels`` / ``data.max_pixels``), exactly as during training. A record without a
 prediction counts as an empty answer and is reported; a prediction for an unknown id is an error.
+
+The work is library code: records, ground truths, engine and sampling come from
+``megatron_vrft.builders``, the checkpoint from ``megatron_vrft.models.checkpoints``, generation
+and scoring from ``megatron_vrft.eval`` (``predictions.generate_predictions``,
+``evaluate.score_predictions``). The records are read once, under ``data.on_error``, before anything
+is generated: a bad annotation stops the run up front, naming the record.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
+from megatron_vrft import builders
 from megatron_vrft.config import ConfigError, load_config
-from megatron_vrft.data import (
-    build_image_processor,
-    compute_resized_size,
-    ground_truth_in_model_space,
-    load_records,
-    read_image_size,
+from megatron_vrft.eval.evaluate import score_predictions
+from megatron_vrft.eval.predictions import (
+    PREDICTIONS_FILE,
+    generate_predictions,
+    merge_prediction_parts,
+    read_predictions,
 )
-from megatron_vrft.eval.evaluate import evaluate_completions
+
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)  # ConfigError and DataError are ValueErrors
 
 
-def read_predictions(path: Path) -> dict[str, str]:
-    predictions: dict[str, str] = {}
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                source_id, completion = str(row["source_id"]), row["completion"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{line_no}: expected {{\"source_id\", \"completion\"}}: {exc}") from exc
-            if source_id in predictions:
-                raise ValueError(f"{path}:{line_no}: duplicate prediction for {source_id!r}")
-            predictions[source_id] = completion if isinstance(completion, str) else ""
-    return predictions
+def fail(err: BaseException) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
 
 
-def evaluate_run(cfg, predictions: dict[str, str], protocol: str = "coco") -> dict:
-    d = cfg.data
-    records = load_records(d.source, d.task, path=d.path, image_root=d.image_root, box_space=d.coord_space,
-                           annotation_coord_space=d.annotation_coord_space, k_shot=d.k_shot,
-                           categories=d.categories, num_synthetic=d.num_synthetic, synthetic_kind=d.synthetic_kind, seed=d.seed,
-                           on_error=d.on_error)
-    known = {r.source_id for r in records}
-    unknown = sorted(set(predictions) - known)
-    if unknown:
-        raise ValueError(f"{len(unknown)} predictions name records the dataset does not have, e.g. {unknown[:3]}")
-    image_processor = build_image_processor(min_pixels=d.min_pixels, max_pixels=d.max_pixels)
-    completions, ground_truths, missing = [], [], 0
-    for record in records:
-        if record.image_size is None:  # a header read, no full decode
-            record = dataclasses.replace(record, image_size=read_image_size(record.images[0]))
-        resized = compute_resized_size(*record.image_size, image_processor)
-        # COCO crowd regions travel with it: ignored by COCOeval, never false positives
-        ground_truths.append(ground_truth_in_model_space(record, d.coord_space, resized_size=resized))
-        if record.source_id not in predictions:
-            missing += 1
-        completions.append(predictions.get(record.source_id, ""))
-    options = {"protocol": protocol} if d.task == "detection" else {}
-    if d.task == "detection" and (protocol == "lvis" or d.source == "lvis"):
-        from megatron_vrft.eval.lvis_map import lvis_labels_from_file
-
-        # APr / APc / APf by the LVIS API: needs the annotation file's frequencies and per-image
-        # negative / not-exhaustive category lists
-        options["lvis"] = lvis_labels_from_file(d.path, [int(r.metadata["image_id"]) for r in records])
-    if d.task == "classification":
-        options = {"mode": cfg.reward.classification_mode}
-    metrics = evaluate_completions(d.task, completions, ground_truths, **options)
-    metrics["missing_predictions"] = missing
-    return metrics
+def print_metrics(metrics: dict) -> None:
+    for key, value in metrics.items():
+        if not isinstance(value, dict):
+            print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """The checkpoint directory ``path`` names: itself (HF or Megatron), or for a run's
-    ``checkpoints/`` folder its latest complete checkpoint. Raises FileNotFoundError naming it."""
-    if (path / "config.json").is_file() or (path / "megatron_vrft_checkpoint.json").is_file():
-        return path
-    if (path / "latest").is_file():
-        return resolve_checkpoint(path / (path / "latest").read_text().strip())
-    raise FileNotFoundError(f"--checkpoint {path}: neither an HF checkpoint (config.json) nor a Megatron "
-                            "checkpoint (megatron_vrft_checkpoint.json) nor a run's checkpoints/ folder")
-
-
-def open_checkpoint(path: Path, cfg):
-    """``(arch, tokenizer, HF-named weight stream)`` of an HF or Megatron checkpoint directory."""
-    from megatron_vrft.data import build_tiny_tokenizer, load_tokenizer
-    from megatron_vrft.models.conversion import MegatronCheckpointReader
-    from megatron_vrft.models.conversion_hf import HfCheckpointReader
-    from megatron_vrft.models.qwen2_vl.state_dict_adapter import as_arch
-
-    if (path / "config.json").is_file():
-        reader = HfCheckpointReader(path)
-        return (as_arch(json.loads((path / "config.json").read_text())), load_tokenizer(path),
-                ((n, reader.get(n)) for n in reader.names()))
-    reader = MegatronCheckpointReader(path)  # any TP/PP layout; one layer in memory at a time
-    tokenizer = load_tokenizer(cfg.model.hf_path) if cfg.model.hf_path else build_tiny_tokenizer()
-    return reader.arch, tokenizer, reader.iter_hf()
-
-
-def generate_predictions(cfg, checkpoint: Path, out_dir: Path, *, engine_name: str, temperature: float,
-                         batch_size: int, progress: bool) -> tuple[Path, list, list]:
-    """Answers of the checkpoint for every usable record, appended to ``out_dir/predictions.jsonl``.
-
-    Returns the predictions file and (examples, their ground truths) for the picture.
-    """
-    import torch
-    import torch.distributed as dist
-    from tqdm import tqdm
-
-    from megatron_vrft.data import build_qwen2vl_processor, preprocess_records
-    from megatron_vrft.rollout.engine import build_engine, resolve_engine_name, vision_token_ids
-    from megatron_vrft.rollout.types import SamplingParams
-
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    d = cfg.data
-    arch, tokenizer, weights = open_checkpoint(checkpoint, cfg)
-    processor = build_qwen2vl_processor(tokenizer, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
-    records = load_records(d.source, d.task, path=d.path, image_root=d.image_root, box_space=d.coord_space,
-                           annotation_coord_space=d.annotation_coord_space, k_shot=d.k_shot,
-                           categories=d.categories, num_synthetic=d.num_synthetic,
-                           synthetic_kind=d.synthetic_kind, seed=d.seed, on_error="skip")
-    examples, skips = preprocess_records(records, processor, box_space=d.coord_space, on_error="skip")
-    skips.merge(records.skips)
-    if skips.total and rank == 0:
-        print(f"warning: {skips.total} records could not be used and are not evaluated: {skips.summary()}",
-              file=sys.stderr)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    part = out_dir / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
-    done = read_predictions(part) if part.exists() else {}
-    todo = [e for i, e in enumerate(examples) if i % world == rank and e.source_id not in done]
-    name = resolve_engine_name(engine_name)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    engine = build_engine(name, arch, tokenizer=tokenizer, blocked_token_ids=vision_token_ids(tokenizer, arch.vocab_size),
-                          device=device, dtype=torch.float32,
-                          **({} if name == "hf" else dict(min_pixels=d.min_pixels, max_pixels=d.max_pixels)))
-    engine.update_weights(weights)
-    stop = tuple(i for i in tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) if i is not None)
-    sampling = SamplingParams(n=1, greedy=temperature == 0, temperature=temperature or 1.0,
-                              max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop)
-    with open(part, "a") as f:
-        for start in tqdm(range(0, len(todo), batch_size), desc=f"generate (rank {rank})", disable=not progress):
-            batch = engine.generate(todo[start : start + batch_size], sampling, seed=cfg.trainer.seed + start)
-            for i in range(len(batch)):
-                f.write(json.dumps({"source_id": batch.prompt_of(i).source_id, "completion": batch.texts[i]}) + "\n")
-            f.flush()
-    final = out_dir / "predictions.jsonl"
-    if world > 1:
-        dist.barrier()
-        if rank == 0:
-            merged = {}
-            for r in range(world):
-                merged.update(read_predictions(out_dir / f"predictions.rank{r}.jsonl"))
-            final.write_text("".join(json.dumps({"source_id": k, "completion": v}) + "\n" for k, v in merged.items()))
-        dist.barrier()
-    return final, examples, [e.ground_truth for e in examples]
+def read_eval_data(cfg, protocol: str):
+    """The records (read once, under ``data.on_error``), their ground truths in the model's box
+    space and the scoring options: everything scoring needs, checked before any generation."""
+    records = builders.build_records(cfg.data)
+    ground_truths = builders.build_eval_ground_truths(cfg.data, records)
+    options = builders.eval_score_options(cfg.data, cfg.reward, records, protocol=protocol)
+    return records, ground_truths, options
 
 
 def main(argv=None) -> int:
@@ -195,60 +86,84 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
     if args.checkpoint is not None:
         return evaluate_checkpoint(cfg, args)
     try:
-        metrics = evaluate_run(cfg, read_predictions(args.predictions), protocol=args.protocol)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for key, value in metrics.items():
-        if not isinstance(value, dict):
-            print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
+        predictions = read_predictions(args.predictions)
+        records, ground_truths, options = read_eval_data(cfg, args.protocol)
+        metrics = score_predictions(cfg.data.task, [r.source_id for r in records], ground_truths, predictions,
+                                    **options)
+    except USER_ERRORS as err:
+        return fail(err)
+    print_metrics(metrics)
     if args.output:
         args.output.write_text(json.dumps(metrics, indent=2, default=float))
     return 0
 
 
 def evaluate_checkpoint(cfg, args) -> int:
-    import os
-
+    import torch
     import torch.distributed as dist
 
     from megatron_vrft.eval.visualize import draw_prediction_grid, markdown_report
+    from megatron_vrft.models.checkpoints import open_checkpoint, resolve_checkpoint
 
     try:
-        args.checkpoint = resolve_checkpoint(args.checkpoint)
+        checkpoint = resolve_checkpoint(args.checkpoint)
     except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out_dir = args.output_dir or (args.checkpoint.parent / "evaluation")
+        return fail(f"--checkpoint {err}")
+    out_dir = args.output_dir or (checkpoint.parent / "evaluation")
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    d = cfg.data
     try:
-        predictions_file, examples, gts = generate_predictions(
-            cfg, args.checkpoint, out_dir, engine_name=args.engine, temperature=args.temperature,
-            batch_size=args.batch_size, progress=True,
-        )  # fmt: skip
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if dist.is_initialized() and dist.get_rank() != 0:
+        # the records once, under data.on_error: a bad annotation raises here, before generation
+        records, ground_truths, options = read_eval_data(cfg, args.protocol)
+        opened = open_checkpoint(checkpoint)
+        tokenizer = builders.build_checkpoint_tokenizer(cfg.model, opened.tokenizer_dir)
+        processor = builders.build_processor(tokenizer, d)
+        # unreadable images are skipped here, and count as missing predictions when scored
+        examples = builders.build_examples(d, processor, records, on_error="skip", report=False)
+        usable = {e.source_id for e in examples}
+        unusable = [r.source_id for r in records if r.source_id not in usable]
+        if unusable and rank == 0:
+            shown = ", ".join(unusable[:5]) + (", ..." if len(unusable) > 5 else "")
+            print(f"warning: {len(unusable)} records could not be used and are not evaluated "
+                  f"(counted as missing predictions): {shown}", file=sys.stderr)
+        if records.skips.total and rank == 0:
+            print(f"warning: skipped while reading the data: {records.skips.summary()}", file=sys.stderr)
+        engine_name = builders.resolve_engine(cfg.rollout, name=args.engine)
+        engine = builders.build_engine(engine_name, cfg.rollout, d, opened.arch, tokenizer,
+                                       device=builders.default_device(), dtype=torch.float32, seed=cfg.trainer.seed)
+        engine.update_weights(opened.weights)
+        sampling = builders.build_eval_sampling(cfg.rollout, tokenizer, temperature=args.temperature)
+        generate_predictions(engine, examples, sampling, out_dir, rank=rank, world=world,
+                             batch_size=args.batch_size, seed=cfg.trainer.seed, progress=True)
+    except USER_ERRORS as err:
+        return fail(err)
+    if world > 1:
+        dist.barrier()
+        if rank == 0:
+            merge_prediction_parts(out_dir, world)
+        dist.barrier()
+    if rank != 0:
         dist.destroy_process_group()
         return 0
-    predictions = read_predictions(predictions_file)
-    metrics = evaluate_run(cfg, predictions, protocol=args.protocol)
+    try:
+        predictions = read_predictions(out_dir / PREDICTIONS_FILE)
+        metrics = score_predictions(d.task, [r.source_id for r in records], ground_truths, predictions, **options)
+    except ValueError as err:  # e.g. an output dir holding answers to another dataset
+        return fail(err)
     metrics["num_evaluated"] = len(predictions)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    (out_dir / "report.md").write_text(markdown_report(metrics, title=f"{cfg.data.task}: {args.checkpoint}"))
+    (out_dir / "report.md").write_text(markdown_report(metrics, title=f"{d.task}: {checkpoint}"))
     shown = examples[:8]
     draw_prediction_grid(out_dir / "examples.png", [e.images[0] for e in shown],
-                         [predictions.get(e.source_id, "") for e in shown], gts[: len(shown)], task=cfg.data.task)
-    for key, value in metrics.items():
-        if not isinstance(value, dict):
-            print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
+                         [predictions.get(e.source_id, "") for e in shown], [e.ground_truth for e in shown],
+                         task=d.task)
+    print_metrics(metrics)
     print(f"wrote {out_dir}/metrics.json, report.md, examples.png, predictions.jsonl")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -167,3 +167,31 @@ def evaluate_completions(
     if task == "grounding":
         return evaluate_grounding(completions, ground_truths, **options)
     raise ValueError(f"unknown task {task!r}; expected classification, detection or grounding")
+
+
+def score_predictions(
+    task: str,
+    source_ids: Sequence[str],
+    ground_truths: Sequence[GroundTruth | Mapping[str, Any]],
+    predictions: Mapping[str, str],
+    **options: Any,
+) -> dict[str, Any]:
+    """Task metrics of ``predictions`` (``{source_id: completion}``) against the records
+    ``source_ids`` with their ``ground_truths`` (in the answers' box space; parallel sequences, in
+    record order): :func:`evaluate_completions` with ``options``, plus ``missing_predictions``,
+    the number of records without a prediction, each scored as an empty answer.
+
+    Raises:
+        ValueError: a prediction names a record not in ``source_ids`` (a different dataset or
+            config), or the sequences differ in length.
+    """
+    if len(source_ids) != len(ground_truths):
+        raise ValueError(f"{len(source_ids)} source ids but {len(ground_truths)} ground truths")
+    known = set(source_ids)
+    unknown = sorted(set(predictions) - known)
+    if unknown:
+        raise ValueError(f"{len(unknown)} predictions name records the dataset does not have, e.g. {unknown[:3]}")
+    completions = [predictions.get(sid, "") for sid in source_ids]
+    metrics = evaluate_completions(task, completions, ground_truths, **options)
+    metrics["missing_predictions"] = sum(sid not in predictions for sid in source_ids)
+    return metrics

@@ -1,17 +1,38 @@
-import importlib.util
+"""``tools/evaluate.py --predictions``: the CLI (a subprocess) and the library it is a front for
+(``builders.build_eval_ground_truths`` + ``eval.evaluate.score_predictions``)."""
+
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from helpers.scripted_policy import ScriptedPolicy
 
+from megatron_vrft import builders
 from megatron_vrft.config import load_config
+from megatron_vrft.eval.evaluate import score_predictions
+from megatron_vrft.eval.predictions import read_predictions
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "evaluate.py"
-spec = importlib.util.spec_from_file_location("evaluate_tool", TOOL)
-evaluate_tool = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(evaluate_tool)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_tool(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), *map(str, args)], check=False,
+                          cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def evaluate_run(cfg, predictions, protocol="coco"):
+    """What ``tools/evaluate.py --predictions`` computes, through the library."""
+    records = builders.build_records(cfg.data)
+    ground_truths = builders.build_eval_ground_truths(cfg.data, records)
+    options = builders.eval_score_options(cfg.data, cfg.reward, records, protocol=protocol)
+    return score_predictions(cfg.data.task, [r.source_id for r in records], ground_truths, predictions, **options)
 
 
 def write_config(tmp_path, task):
@@ -50,12 +71,14 @@ def test_perfect_predictions_and_missing_ones(tmp_path, task, metric):
     cfg = load_config(config)
     preds = perfect_predictions(cfg, tmp_path)
     out = tmp_path / "metrics.json"
-    assert evaluate_tool.main(["--config", str(config), "--predictions", str(preds), "--output", str(out)]) == 0
+    proc = run_tool("--config", config, "--predictions", preds, "--output", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "missing_predictions: 0" in proc.stdout
     metrics = json.loads(out.read_text())
     assert metrics[metric] == pytest.approx(1.0)
     assert metrics["missing_predictions"] == 0
     preds = perfect_predictions(cfg, tmp_path, drop_last=True)
-    metrics = evaluate_tool.evaluate_run(cfg, evaluate_tool.read_predictions(preds))
+    metrics = evaluate_run(cfg, read_predictions(preds))
     assert metrics["missing_predictions"] == 1
     assert metrics[metric] < 1.0
 
@@ -65,11 +88,14 @@ def test_bad_prediction_files_are_reported(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"source_id": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
-        evaluate_tool.read_predictions(bad)
+        read_predictions(bad)
     bad.write_text('{"source_id": "x", "completion": "a"}\n{"source_id": "x", "completion": "b"}\n')
     with pytest.raises(ValueError, match="duplicate prediction for 'x'"):
-        evaluate_tool.read_predictions(bad)
+        read_predictions(bad)
     unknown = tmp_path / "unknown.jsonl"
     unknown.write_text('{"source_id": "not-a-record", "completion": "a"}\n')
     with pytest.raises(ValueError, match="not-a-record"):
-        evaluate_tool.evaluate_run(load_config(config), evaluate_tool.read_predictions(unknown))
+        evaluate_run(load_config(config), read_predictions(unknown))
+    proc = run_tool("--config", config, "--predictions", unknown)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: " in proc.stderr and "not-a-record" in proc.stderr

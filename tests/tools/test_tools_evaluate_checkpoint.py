@@ -78,3 +78,112 @@ def test_megatron_checkpoint_answers_like_the_hf_one(checkpoint, tmp_path):
         answers[name] = sorted((tmp_path / name / "predictions.jsonl").read_text().splitlines())
     assert len(answers["hf"]) == 6
     assert answers["megatron"] == answers["hf"]
+
+
+def write_coco(root: Path, sizes, *, bad_box_image: int | None = None) -> Path:
+    """A COCO detection file over ``len(sizes)`` images (``(W, H)`` each, random pixels), one
+    ``cat`` box per image; image ``bad_box_image`` (1-based) gets a box of negative width."""
+    import numpy as np
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i, (w, h) in enumerate(sizes, 1):
+        pixels = np.random.default_rng(i).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": w, "height": h})
+        box = [0, 0, min(w, 40), min(h, 30)] if i != bad_box_image else [10, 10, -5, 8]
+        annotations.append({"id": i, "image_id": i, "category_id": 1, "bbox": box, "area": 1.0, "iscrowd": 0})
+    path = root / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "cat"}]}))
+    return path
+
+
+def coco_overrides(path: Path):
+    return ["data.source=coco", f"data.path={path}", f"data.image_root={path.parent / 'images'}",
+            "rollout.max_new_tokens=6"]
+
+
+def test_bad_annotation_stops_before_anything_is_generated(tmp_path):
+    # the checkpoint is a stub that cannot even be opened: the data error has to come first
+    stub = tmp_path / "stub_ckpt"
+    stub.mkdir()
+    (stub / "config.json").write_text("{}")
+    data = write_coco(tmp_path / "coco", [(64, 48)] * 3, bad_box_image=2)
+    out = tmp_path / "out"
+    proc = run("--config", ROOT / "examples" / "configs" / "synthetic_detection.yaml", "--checkpoint", stub,
+               "--output-dir", out, *coco_overrides(data))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "image id 2" in error[0] and "degenerate" in error[0], proc.stderr[-3000:]
+    assert not (out / "predictions.jsonl").exists()
+
+
+def test_unusable_image_counts_as_a_missing_prediction(checkpoint, tmp_path):
+    # image 2 is 500 x 2: it reads fine, but the Qwen2-VL processor refuses its aspect ratio, so
+    # it is skipped at generation, listed, and scored as an empty answer
+    data = write_coco(tmp_path / "coco", [(64, 48), (500, 2), (56, 56)])
+    out = tmp_path / "out"
+    proc = run("--config", ROOT / "examples" / "configs" / "synthetic_detection.yaml", "--checkpoint", checkpoint,
+               "--output-dir", out, "--batch-size", "2", *coco_overrides(data))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 records could not be used" in proc.stderr and "image id 2" in proc.stderr
+    preds = [json.loads(line)["source_id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 2 and not any("image id 2" in p for p in preds)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["missing_predictions"] == 1 and metrics["num_evaluated"] == 2 and metrics["num_samples"] == 3
+
+
+def test_undecodable_image_is_skipped_at_generation_and_scored_missing(tmp_path):
+    """The library steps of ``tools/evaluate.py --checkpoint``: records read once, ground truths
+    from headers, examples with on_error="skip", generation, scoring. An image that breaks after
+    the records were read (truncated) is never shown to the engine and counts as missing."""
+    from megatron_vrft import builders
+    from megatron_vrft.config import load_config
+    from megatron_vrft.data import build_tiny_tokenizer
+    from megatron_vrft.eval.evaluate import score_predictions
+    from megatron_vrft.eval.predictions import generate_predictions, read_predictions
+
+    data = write_coco(tmp_path / "coco", [(64, 48), (72, 40), (56, 56)])
+    cfg = load_config(ROOT / "examples" / "configs" / "synthetic_detection.yaml", coco_overrides(data))
+    records = builders.build_records(cfg.data)
+    ground_truths = builders.build_eval_ground_truths(cfg.data, records)
+    broken = data.parent / "images" / "2.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # header kept, pixels cut off
+    processor = builders.build_processor(build_tiny_tokenizer(), cfg.data)
+    examples = builders.build_examples(cfg.data, processor, records, on_error="skip", report=False)
+    assert [e.source_id for e in examples] == [records[0].source_id, records[2].source_id]
+
+    class Engine:  # answers every prompt with its ground-truth box; refuses the broken record
+        def generate(self, batch, sampling, *, seed):
+            assert all(e.source_id != records[1].source_id for e in batch)
+            texts = [f"<think>.</think><answer>[{{\"bbox_2d\": {[round(v) for v in e.ground_truth.boxes[0]]}, "
+                     f"\"label\": \"cat\"}}]</answer>" for e in batch]
+            return type("Batch", (), {"texts": texts, "__len__": lambda s: len(texts),
+                                      "prompt_of": lambda s, i: batch[i]})()
+
+    part = generate_predictions(Engine(), examples, None, tmp_path / "out", batch_size=2)
+    metrics = score_predictions(cfg.data.task, [r.source_id for r in records], ground_truths,
+                                read_predictions(part), **builders.eval_score_options(cfg.data, cfg.reward, records))
+    assert metrics["missing_predictions"] == 1 and metrics["num_samples"] == 3
+    assert 0.0 < metrics["AP50"] < 1.0  # two of three images found, the third's box missed
+
+
+def test_checkpoint_resolution_and_opening(checkpoint, tmp_path):
+    from megatron_vrft.models.checkpoints import open_checkpoint, resolve_checkpoint
+    from megatron_vrft.models.conversion import CHECKPOINT_META_FILE
+
+    assert resolve_checkpoint(checkpoint) == checkpoint
+    run_dir = tmp_path / "checkpoints"  # a run's folder: `latest` names the newest complete one
+    (run_dir / "step_3").mkdir(parents=True)
+    (run_dir / "step_3" / CHECKPOINT_META_FILE).write_text("{}")
+    (run_dir / "latest").write_text("step_3\n")
+    assert resolve_checkpoint(run_dir) == run_dir / "step_3"
+    with pytest.raises(FileNotFoundError, match="nope.*config.json.*megatron_vrft_checkpoint.json"):
+        resolve_checkpoint(tmp_path / "nope")
+    opened = open_checkpoint(checkpoint)
+    assert opened.kind == "hf" and opened.tokenizer_dir == checkpoint and opened.arch.vocab_size > 0
+    name, tensor = next(iter(opened.weights))
+    assert isinstance(name, str) and tensor.numel() > 0
