@@ -29,14 +29,13 @@ is generated: a bad annotation stops the run up front, naming the record.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
-from megatron_vrft import builders
-from megatron_vrft.config import ConfigError, load_config
+from megatron_vrft import builders, cli
+from megatron_vrft.config import ConfigError
 from megatron_vrft.eval.evaluate import score_predictions
 from megatron_vrft.eval.predictions import (
     PREDICTIONS_FILE,
@@ -48,9 +47,9 @@ from megatron_vrft.eval.predictions import (
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)  # ConfigError and DataError are ValueErrors
 
 
-def fail(err: BaseException) -> int:
+def fail(err: BaseException | str) -> int:
     print(f"error: {err}", file=sys.stderr)
-    return 2
+    return cli.EXIT_USER_ERROR
 
 
 def print_metrics(metrics: dict) -> None:
@@ -69,9 +68,8 @@ def read_eval_data(cfg, protocol: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML run config (its data section is evaluated)")
-    source = parser.add_mutually_exclusive_group(required=True)
+    parser = cli.config_parser(__doc__)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--predictions", type=Path, help="JSONL of {source_id, completion}")
     source.add_argument("--checkpoint", type=Path,
                         help="HF or Megatron checkpoint directory (or a run's checkpoints/ folder) to generate with")
@@ -81,12 +79,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     parser.add_argument("--protocol", choices=("coco", "lvis"), default="coco", help="detection protocol")
     parser.add_argument("--output", type=Path, help="write the metrics as JSON here")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        return fail(err)
+    return cli.run(evaluate_main, parser, argv, report=lambda: os.environ.get("RANK", "0") == "0")
+
+
+def evaluate_main(args) -> int:
+    if args.predictions is None and args.checkpoint is None:
+        raise cli.UserError("one of --predictions or --checkpoint is required")
+    cfg = cli.load_run_config(args)
     if args.checkpoint is not None:
         return evaluate_checkpoint(cfg, args)
     try:
@@ -114,8 +113,10 @@ def evaluate_checkpoint(cfg, args) -> int:
     except FileNotFoundError as err:
         return fail(f"--checkpoint {err}")
     out_dir = args.output_dir or (checkpoint.parent / "evaluation")
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("gloo")
+    if "RANK" in os.environ:  # under torchrun: records dealt over the ranks
+        from megatron_vrft.distributed.parallel_state import init_distributed
+
+        init_distributed("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     d = cfg.data
     try:
