@@ -34,6 +34,7 @@ def run(*args):
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config,task", [("tiny_cpu.yaml", "classification"),
                                          ("synthetic_detection.yaml", "detection")])
 def test_evaluate_checkpoint_writes_report_and_resumes(checkpoint, tmp_path, config, task):
@@ -61,6 +62,7 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr and "nope" in proc.stderr and "config.json" in proc.stderr
 
 
+@pytest.mark.slow
 def test_megatron_checkpoint_answers_like_the_hf_one(checkpoint, tmp_path):
     from megatron_vrft.models.conversion import convert_hf_to_megatron
 
