@@ -42,6 +42,8 @@ EXTRAS = {
         "scikit-image",
         "scikit-learn",
         "wandb",
+        # Formatter + linter (ruff.toml); pinned: a new ruff release may reformat code.
+        "ruff==0.17.6",
     ],
     # Weights & Biases logging (logging.wandb_project); TensorBoard and JSONL need nothing extra.
     "wandb": ["wandb"],

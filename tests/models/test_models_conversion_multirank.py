@@ -74,6 +74,7 @@ def _rank_main(rank: int, world: int, store: str, hf: str, mg: str, saved: str, 
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("family,tie", [("qwen2_vl", True)])
 def test_tp2_pp2_policy_loads_and_saves_the_format(family, tie):
     from megatron_vrft.models.conversion import convert_hf_to_megatron, convert_megatron_to_hf

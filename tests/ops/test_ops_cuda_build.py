@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Every test here needs the CMake build (~25 s on 2 cores, once per run).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -164,5 +164,6 @@ def _worker(rank: int, port: int) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_vocab_parallel_tp2_matches_single_rank():
     mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)

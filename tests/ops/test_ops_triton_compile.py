@@ -95,6 +95,7 @@ def test_module_exposes_compile_specs(name):
             assert ty != "constexpr" or key in constexprs, f"{name}.{fn.__name__}: constexpr {key} has no value"
 
 
+@pytest.mark.slow  # the shared AOT compile of every kernel: ~15-25 s on 2 cores
 @pytest.mark.parametrize("name,idx,arch", PARAMS)
 def test_kernel_compiles_to_cubin(compiled, name, idx, arch):
     result = compiled[f"{name}/{idx}/{arch}"]

@@ -133,6 +133,7 @@ def _contains_label(text, label: str) -> bool:
     return f" {lab} " in f" {t} " or lab.replace(" ", "") in t.replace(" ", "")
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     idx=st.integers(0, len(LABELS) - 1),

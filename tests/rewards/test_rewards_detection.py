@@ -266,6 +266,7 @@ _FUZZ_GTS = [
 ]
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     garbage=garbage_text,

@@ -70,6 +70,7 @@ _FORMATISH = st.binary(max_size=14).map(
 )
 
 
+@pytest.mark.slow
 @FUZZ
 @given(text=st.one_of(_FORMATISH, garbage_text), other=st.one_of(garbage_text, non_strings))
 def test_format_fuzz_matches_published_regex(text, other) -> None:

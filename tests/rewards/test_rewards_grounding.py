@@ -181,6 +181,7 @@ def test_bad_ground_truth_raises() -> None:
 _FUZZ_GT = [GroundTruth(box=b, coord_space="norm_1000") for b in ([0, 0, 1000, 1000], [100, 200, 300, 400], [5, 5, 6, 6])]
 
 
+@pytest.mark.slow
 @FUZZ
 @given(garbage=garbage_text, near=grounding_near_miss(), g=st.sampled_from(_FUZZ_GT))
 def test_grounding_fuzz(garbage, near, g) -> None:

@@ -39,6 +39,7 @@ DETECTION = ["data.task=detection", "data.coord_space=norm_1000", "data.max_pixe
              "reward.terms=[{name: format}, {name: iou}, {name: confidence}]"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task,overrides", [("classification", []), ("detection", DETECTION)])
 def test_evaluate_checkpoint_writes_report_and_resumes(checkpoint, tmp_path, task, overrides):
     cfg = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
@@ -65,6 +66,7 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr and "nope" in proc.stderr and "config.json" in proc.stderr
 
 
+@pytest.mark.slow
 def test_megatron_checkpoint_answers_like_the_hf_one(checkpoint, tmp_path):
     from megatron_vrft.models.conversion import convert_hf_to_megatron
 
