@@ -103,7 +103,7 @@ def write_coco(root: Path, sizes, *, bad_box_image: int | None = None) -> Path:
 
 
 def coco_overrides(path: Path):
-    return ["data.source=coco", f"data.path={path}", f"data.image_root={path.parent / 'images'}",
+    return [*DETECTION, "data.source=coco", f"data.path={path}", f"data.image_root={path.parent / 'images'}",
             "rollout.max_new_tokens=6"]
 
 
@@ -114,7 +114,7 @@ def test_bad_annotation_stops_before_anything_is_generated(tmp_path):
     (stub / "config.json").write_text("{}")
     data = write_coco(tmp_path / "coco", [(64, 48)] * 3, bad_box_image=2)
     out = tmp_path / "out"
-    proc = run("--config", ROOT / "examples" / "configs" / "synthetic_detection.yaml", "--checkpoint", stub,
+    proc = run("--config", ROOT / "examples" / "configs" / "tiny_cpu.yaml", "--checkpoint", stub,
                "--output-dir", out, *coco_overrides(data))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -128,7 +128,7 @@ def test_unusable_image_counts_as_a_missing_prediction(checkpoint, tmp_path):
     # it is skipped at generation, listed, and scored as an empty answer
     data = write_coco(tmp_path / "coco", [(64, 48), (500, 2), (56, 56)])
     out = tmp_path / "out"
-    proc = run("--config", ROOT / "examples" / "configs" / "synthetic_detection.yaml", "--checkpoint", checkpoint,
+    proc = run("--config", ROOT / "examples" / "configs" / "tiny_cpu.yaml", "--checkpoint", checkpoint,
                "--output-dir", out, "--batch-size", "2", *coco_overrides(data))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 records could not be used" in proc.stderr and "image id 2" in proc.stderr
@@ -149,7 +149,7 @@ def test_undecodable_image_is_skipped_at_generation_and_scored_missing(tmp_path)
     from megatron_vrft.eval.predictions import generate_predictions, read_predictions
 
     data = write_coco(tmp_path / "coco", [(64, 48), (72, 40), (56, 56)])
-    cfg = load_config(ROOT / "examples" / "configs" / "synthetic_detection.yaml", coco_overrides(data))
+    cfg = load_config(ROOT / "examples" / "configs" / "tiny_cpu.yaml", coco_overrides(data))
     records = builders.build_records(cfg.data)
     ground_truths = builders.build_eval_ground_truths(cfg.data, records)
     broken = data.parent / "images" / "2.png"
