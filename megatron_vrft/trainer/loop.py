@@ -246,6 +246,7 @@ def grpo_step(run: RunContext, step: int, timer: PhaseTimer, *, sync_weights: bo
     loss_fn = build_grpo_loss_fn(
         builders.grpo_loss_options(a), correction=builders.rollout_correction_options(a), entropy_coef=a.entropy_coef,
         normalizer=total_tokens if a.loss_agg_mode == "token-mean" else total_rows, total_tokens=total_tokens,
+        max_response_length=cfg.rollout.max_new_tokens,
     )  # fmt: skip
     if fault_active("nan_loss", step):
         loss_fn = poisoned(loss_fn)
@@ -288,13 +289,15 @@ SUMMED_STATS = ("loss", "pg_loss", "kl_loss", "entropy", "rollout/logprob_abs_di
 
 
 def build_grpo_loss_fn(loss_options: dict, *, correction: dict | None, entropy_coef: float, normalizer: float,
-                       total_tokens: float):
+                       total_tokens: float, max_response_length: int | None = None):
     """The per-micro-batch GRPO loss and its stats, for megatron's schedule.
 
     ``loss_options``: ``rl.compute_grpo_loss`` keywords (``builders.grpo_loss_options``);
     ``correction``: ``rl.compute_rollout_correction`` keywords or None; ``normalizer``: the global
     token or sequence count the loss is a sum over (DP mean, see :func:`dp_mean`); ``total_tokens``:
-    the global token count, which weighs the micro-batch means in the stats.
+    the global token count, which weighs the micro-batch means in the stats; ``max_response_length``:
+    the constant length ``seq-mean-token-sum-norm`` divides by (``rollout.max_new_tokens``; None
+    would be each micro-batch's padded prompt + response width, which differs between them).
     """
     loss_agg_mode = loss_options["loss_agg_mode"]
 
@@ -305,9 +308,11 @@ def build_grpo_loss_fn(loss_options: dict, *, correction: dict | None, entropy_c
         if correction is not None:
             weights, correction_stats = compute_rollout_correction(old, mb.sampling_logprobs, mask, **correction)
         out = compute_grpo_loss(lp, old, mb.ref_logprobs, mb.advantages, mask, normalizer=normalizer,
-                                token_weights=weights, impl="auto", **loss_options)
+                                token_weights=weights, impl="auto", max_response_length=max_response_length,
+                                **loss_options)
         loss = out.loss
-        entropy = aggregate_loss(ent, mask, loss_agg_mode, normalizer=normalizer)
+        entropy = aggregate_loss(ent, mask, loss_agg_mode, normalizer=normalizer,
+                                 max_response_length=max_response_length)
         if entropy_coef:
             loss = loss - entropy_coef * entropy
         w = mb.num_tokens / max(total_tokens, 1)
