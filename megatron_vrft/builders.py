@@ -72,10 +72,19 @@ def build_records(data: DataConfig, *, split: Split = "train") -> RecordSet:
         else:
             seed = data.seed + EVAL_SEED_OFFSET
     return load_records(
-        data.source, data.task, path=path, image_root=data.image_root, box_space=data.coord_space,
-        annotation_coord_space=data.annotation_coord_space, k_shot=k_shot, categories=data.categories,
-        num_synthetic=data.num_synthetic, synthetic_kind=data.synthetic_kind, seed=seed, on_error=data.on_error,
-    )  # fmt: skip
+        data.source,
+        data.task,
+        path=path,
+        image_root=data.image_root,
+        box_space=data.coord_space,
+        annotation_coord_space=data.annotation_coord_space,
+        k_shot=k_shot,
+        categories=data.categories,
+        num_synthetic=data.num_synthetic,
+        synthetic_kind=data.synthetic_kind,
+        seed=seed,
+        on_error=data.on_error,
+    )
 
 
 def build_examples(
@@ -123,13 +132,22 @@ def build_engine(
     if engine_name == "vllm":
         v = rollout.vllm
         options = dict(
-            tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
-            enable_sleep=device.type == "cuda", seed=seed, min_pixels=data.min_pixels, max_pixels=data.max_pixels,
-        )  # fmt: skip
+            tensor_parallel_size=v.tensor_parallel_size,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            enable_sleep=device.type == "cuda",
+            seed=seed,
+            min_pixels=data.min_pixels,
+            max_pixels=data.max_pixels,
+        )
     return build_engine_by_name(
-        engine_name, arch, tokenizer=tokenizer, blocked_token_ids=vision_token_ids(tokenizer, arch.vocab_size),
-        device=device, dtype=dtype, **options,
-    )  # fmt: skip
+        engine_name,
+        arch,
+        tokenizer=tokenizer,
+        blocked_token_ids=vision_token_ids(tokenizer, arch.vocab_size),
+        device=device,
+        dtype=dtype,
+        **options,
+    )
 
 
 def build_sampling(rollout: RolloutConfig, tokenizer, *, greedy: bool = False) -> SamplingParams:
@@ -139,9 +157,13 @@ def build_sampling(rollout: RolloutConfig, tokenizer, *, greedy: bool = False) -
     if greedy:
         return SamplingParams(n=1, greedy=True, max_new_tokens=rollout.max_new_tokens, stop_token_ids=stops)
     return SamplingParams(
-        n=rollout.num_generations, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-        max_new_tokens=rollout.max_new_tokens, stop_token_ids=stops,
-    )  # fmt: skip
+        n=rollout.num_generations,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        top_k=rollout.top_k,
+        max_new_tokens=rollout.max_new_tokens,
+        stop_token_ids=stops,
+    )
 
 
 def default_device() -> torch.device:
@@ -174,10 +196,16 @@ def grpo_loss_options(algorithm: AlgorithmConfig) -> dict[str, Any]:
     """``rl.compute_grpo_loss`` keyword arguments: the config fields carry the rl/ names."""
     a = algorithm
     return dict(
-        policy_loss=a.policy_loss, loss_agg_mode=a.loss_agg_mode, clip_eps_low=a.clip_eps_low,
-        clip_eps_high=a.clip_eps_high, clip_ratio_c=a.clip_ratio_c, kl_estimator=a.kl_estimator,
-        kl_coef=a.kl_coef, kl_clamp=a.kl_clamp, kl_importance_weighted=a.kl_importance_weighted,
-    )  # fmt: skip
+        policy_loss=a.policy_loss,
+        loss_agg_mode=a.loss_agg_mode,
+        clip_eps_low=a.clip_eps_low,
+        clip_eps_high=a.clip_eps_high,
+        clip_ratio_c=a.clip_ratio_c,
+        kl_estimator=a.kl_estimator,
+        kl_coef=a.kl_coef,
+        kl_clamp=a.kl_clamp,
+        kl_importance_weighted=a.kl_importance_weighted,
+    )
 
 
 def rollout_correction_options(algorithm: AlgorithmConfig) -> dict[str, Any] | None:
@@ -205,8 +233,9 @@ def build_eval_sampling(rollout: RolloutConfig, tokenizer, *, temperature: float
     greedy = build_sampling(rollout, tokenizer, greedy=True)
     if temperature == 0:
         return greedy
-    return SamplingParams(n=1, temperature=temperature, max_new_tokens=greedy.max_new_tokens,
-                          stop_token_ids=greedy.stop_token_ids)
+    return SamplingParams(
+        n=1, temperature=temperature, max_new_tokens=greedy.max_new_tokens, stop_token_ids=greedy.stop_token_ids
+    )
 
 
 def build_eval_ground_truths(data: DataConfig, records: RecordSet) -> list:
@@ -241,8 +270,9 @@ def build_eval_ground_truths(data: DataConfig, records: RecordSet) -> list:
                 if gt.boxes is None and gt.box is None:
                     out.append(gt)
                     continue
-                raise DataError(f"record {record.source_id}: its boxes cannot be mapped into "
-                                f"{data.coord_space}: {exc}", exc.reason) from exc
+                raise DataError(
+                    f"record {record.source_id}: its boxes cannot be mapped into {data.coord_space}: {exc}", exc.reason
+                ) from exc
             record = dataclasses.replace(record, image_size=size)
         try:
             resized = compute_resized_size(*size, image_processor)

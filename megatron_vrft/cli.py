@@ -62,8 +62,13 @@ def load_run_config(args: argparse.Namespace) -> VisualRFTConfig:
         raise
 
 
-def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
-        argv: Sequence[str] | None = None, *, report: Callable[[], bool] = lambda: True) -> int:
+def run(
+    main: Callable[[argparse.Namespace], int],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+    *,
+    report: Callable[[], bool] = lambda: True,
+) -> int:
     """Parse ``argv``, answer ``--help-config``, then ``main(args)``; a user error becomes one line
     on standard error (printed where ``report()`` is true, e.g. rank 0 only) and
     :data:`EXIT_USER_ERROR`."""

@@ -21,11 +21,31 @@ ALLOWED_INTERNAL = {
     # below the trainer; only the trainer and tools import it
     "builders": {"config", "ops", "rl", "rewards", "eval", "data", "distributed", "models", "rollout", "storage"},
     "trainer": {
-        "config", "ops", "rl", "rewards", "eval", "data", "distributed", "models", "rollout", "storage", "builders",
+        "config",
+        "ops",
+        "rl",
+        "rewards",
+        "eval",
+        "data",
+        "distributed",
+        "models",
+        "rollout",
+        "storage",
+        "builders",
     },
     # the command-line front of the tools (cli.py): on top
     "cli": {
-        "config", "ops", "rl", "rewards", "eval", "data", "distributed", "models", "rollout", "storage", "builders",
+        "config",
+        "ops",
+        "rl",
+        "rewards",
+        "eval",
+        "data",
+        "distributed",
+        "models",
+        "rollout",
+        "storage",
+        "builders",
         "trainer",
     },
 }

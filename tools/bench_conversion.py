@@ -74,10 +74,14 @@ def _config(args):
     head_dim = args.hidden // args.heads
     q = head_dim // 4
     text = dict(
-        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        vocab_size=args.vocab,
         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[q, q, head_dim // 2 - 2 * q]),
-    )  # fmt: skip
+    )
     vision = dict(depth=args.vision_depth, embed_dim=args.vision_dim, hidden_size=args.hidden, num_heads=4)
     return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
 
@@ -131,7 +135,18 @@ def _run_phase(args, phase: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-SHAPE_ARGS = ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "vision_depth", "vision_dim", "dtype", "tp")
+SHAPE_ARGS = (
+    "hidden",
+    "intermediate",
+    "layers",
+    "heads",
+    "kv_heads",
+    "vocab",
+    "vision_depth",
+    "vision_dim",
+    "dtype",
+    "tp",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,14 +178,22 @@ def main(argv: list[str] | None = None) -> int:
         made = _run_phase(args, "make")
         rows = {"HF -> Megatron": _run_phase(args, "import"), "Megatron -> HF": _run_phase(args, "export")}
     gib = 2**30
-    print(f"model: {made['num_params'] / 1e6:.1f}M params, {args.dtype}; state dict {made['state_dict_bytes'] / gib:.3f} GiB; "
-          f"one decoder layer {made['layer_bytes'] / gib:.3f} GiB; largest tensor {made['largest_tensor_bytes'] / gib:.3f} GiB")  # fmt: skip
+    print(
+        f"model: {made['num_params'] / 1e6:.1f}M params, {args.dtype}; "
+        f"state dict {made['state_dict_bytes'] / gib:.3f} GiB; one decoder layer {made['layer_bytes'] / gib:.3f} GiB; "
+        f"largest tensor {made['largest_tensor_bytes'] / gib:.3f} GiB"
+    )
     print(f"{'direction':<16}{'time s':>8}{'peak RSS +GiB':>15}{'peak anon +GiB':>16}{'anon / state dict':>19}")
     for name, r in rows.items():
-        print(f"{name:<16}{r['seconds']:>8.1f}{r['peak_rss_above_start'] / gib:>15.3f}{r['peak_anon_above_start'] / gib:>16.3f}"
-              f"{r['peak_anon_above_start'] / made['state_dict_bytes']:>19.2f}")  # fmt: skip
+        print(
+            f"{name:<16}{r['seconds']:>8.1f}{r['peak_rss_above_start'] / gib:>15.3f}"
+            f"{r['peak_anon_above_start'] / gib:>16.3f}"
+            f"{r['peak_anon_above_start'] / made['state_dict_bytes']:>19.2f}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": made, "shape": {k: getattr(args, k) for k in SHAPE_ARGS}, **rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"model": made, "shape": {k: getattr(args, k) for k in SHAPE_ARGS}, **rows}, indent=2)
+        )
     return 0
 
 

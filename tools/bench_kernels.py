@@ -32,15 +32,33 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 PRESETS = {
-    "gpu": dict(tokens="1024,4096,16384", vocab=151936, tp=1, hidden=3584, boxes="8x100x100,64x300x300,1x1000x1000",
-                grpo="64x1024,256x2048", repeats=20, warmup=5, dtype="bf16"),
-    "cpu-small": dict(tokens="64,256", vocab=8192, tp=1, hidden=256, boxes="4x50x60,1x1000x1000",
-                      grpo="16x128", repeats=5, warmup=1, dtype="fp32"),
+    "gpu": dict(
+        tokens="1024,4096,16384",
+        vocab=151936,
+        tp=1,
+        hidden=3584,
+        boxes="8x100x100,64x300x300,1x1000x1000",
+        grpo="64x1024,256x2048",
+        repeats=20,
+        warmup=5,
+        dtype="bf16",
+    ),
+    "cpu-small": dict(
+        tokens="64,256",
+        vocab=8192,
+        tp=1,
+        hidden=256,
+        boxes="4x50x60,1x1000x1000",
+        grpo="16x128",
+        repeats=5,
+        warmup=1,
+        dtype="fp32",
+    ),
 }
 KERNELS = ("logprob", "fused_linear_logprob", "box_iou", "grpo_loss")
 
@@ -61,8 +79,12 @@ class Case:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="default shapes: 'gpu' (real scale) on CUDA, 'cpu-small' otherwise")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="default shapes: 'gpu' (real scale) on CUDA, 'cpu-small' otherwise",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset of " + ",".join(KERNELS))
     p.add_argument("--tokens", help="comma-separated token counts N (log-prob kernels)")
@@ -134,6 +156,7 @@ def _backward(fn: Callable, leaves: list) -> Callable:
         out = fn()
         out = out[0] if isinstance(out, tuple) else out
         (out.loss if hasattr(out, "loss") else out.sum()).backward()
+
     return run
 
 
@@ -143,8 +166,10 @@ def build_logprob_case(args, torch, dtype, mods, shape) -> Case:
     gen = torch.Generator(device=args.device).manual_seed(0)
     logits = torch.randn(n, v, device=args.device, dtype=dtype, generator=gen).requires_grad_()
     targets = torch.randint(0, v, (n,), device=args.device, generator=gen)
-    fns = {"torch_naive": lambda: torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1),
-           "reference": lambda: ops.token_logprobs_reference(logits, targets)}
+    fns = {
+        "torch_naive": lambda: torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1),
+        "reference": lambda: ops.token_logprobs_reference(logits, targets),
+    }
     if _triton_ok(args):
         fns["triton"] = lambda: ops.token_logprobs(logits, targets, impl="triton")
     ce = _liger("liger_cross_entropy")
@@ -153,8 +178,9 @@ def build_logprob_case(args, torch, dtype, mods, shape) -> Case:
         # does the same per-token work as log-probs (CE = -log p(target)), summed.
         fns["liger"] = lambda: ce(logits, targets, reduction="sum")
     elt = logits.element_size()
-    case = Case(kernel="logprob", shape={"N": n, "V": v}, bytes_fwd=n * v * elt + n * 12,
-                bytes_fwd_bwd=3 * n * v * elt + n * 16)
+    case = Case(
+        kernel="logprob", shape={"N": n, "V": v}, bytes_fwd=n * v * elt + n * 12, bytes_fwd_bwd=3 * n * v * elt + n * 16
+    )
     case.impls = {k: (f, _backward(f, [logits])) for k, f in fns.items()}
     return case
 
@@ -166,17 +192,24 @@ def build_fused_linear_case(args, torch, dtype, mods, shape) -> Case:
     hidden = (torch.randn(n, h, device=args.device, generator=gen) / h**0.25).to(dtype).requires_grad_()
     weight = (torch.randn(v, h, device=args.device, generator=gen) / h**0.25).to(dtype).requires_grad_()
     targets = torch.randint(0, v, (n,), device=args.device, generator=gen)
-    fns = {"reference": lambda: ops.linear_token_logprobs_reference(hidden, weight, targets),
-           "chunked_torch": lambda: ops.fused_linear_token_logprobs(hidden, weight, targets, impl="torch")}
+    fns = {
+        "reference": lambda: ops.linear_token_logprobs_reference(hidden, weight, targets),
+        "chunked_torch": lambda: ops.fused_linear_token_logprobs(hidden, weight, targets, impl="torch"),
+    }
     if _triton_ok(args):
         fns["chunked_triton"] = lambda: ops.fused_linear_token_logprobs(hidden, weight, targets, impl="triton")
     flce = _liger("liger_fused_linear_cross_entropy")
     if flce is not None and _triton_ok(args):
         fns["liger"] = lambda: flce(hidden, weight, targets, reduction="sum")  # see logprob's note
     elt = hidden.element_size()
-    case = Case(kernel="fused_linear_logprob", shape={"N": n, "V": v, "H": h},
-                bytes_fwd=(n * h + v * h) * elt + n * 12, bytes_fwd_bwd=3 * (n * h + v * h) * elt + n * 16,
-                flops_fwd=2.0 * n * v * h, flops_fwd_bwd=6.0 * n * v * h)
+    case = Case(
+        kernel="fused_linear_logprob",
+        shape={"N": n, "V": v, "H": h},
+        bytes_fwd=(n * h + v * h) * elt + n * 12,
+        bytes_fwd_bwd=3 * (n * h + v * h) * elt + n * 16,
+        flops_fwd=2.0 * n * v * h,
+        flops_fwd_bwd=6.0 * n * v * h,
+    )
     case.impls = {k: (f, _backward(f, [hidden, weight])) for k, f in fns.items()}
     return case
 
@@ -315,8 +348,13 @@ def measure_peaks(torch, device: str) -> dict:
     a = torch.randn(mm, mm, device=device, dtype=mm_dtype)
     b = torch.randn(mm, mm, device=device, dtype=mm_dtype)
     mm_s = time_fn(lambda: a @ b, torch, device, 2, 10)
-    return {"copy_GBps": 2 * numel * 4 / copy_s / 1e9, "matmul_TFLOPs": 2 * mm**3 / mm_s / 1e12,
-            "matmul_dtype": str(mm_dtype).replace("torch.", ""), "copy_bytes": 2 * numel * 4, "matmul_n": mm}
+    return {
+        "copy_GBps": 2 * numel * 4 / copy_s / 1e9,
+        "matmul_TFLOPs": 2 * mm**3 / mm_s / 1e12,
+        "matmul_dtype": str(mm_dtype).replace("torch.", ""),
+        "copy_bytes": 2 * numel * 4,
+        "matmul_n": mm,
+    }
 
 
 def run_case(case: Case, args, torch, peaks: dict) -> list[dict]:
@@ -324,8 +362,10 @@ def run_case(case: Case, args, torch, peaks: dict) -> list[dict]:
     for impl, (fwd, fwd_bwd) in case.impls.items():
         row = {"kernel": case.kernel, "shape": case.shape, "impl": impl}
         try:
-            for tag, fn, nbytes, flops in (("fwd", fwd, case.bytes_fwd, case.flops_fwd),
-                                           ("fwd_bwd", fwd_bwd, case.bytes_fwd_bwd, case.flops_fwd_bwd)):
+            for tag, fn, nbytes, flops in (
+                ("fwd", fwd, case.bytes_fwd, case.flops_fwd),
+                ("fwd_bwd", fwd_bwd, case.bytes_fwd_bwd, case.flops_fwd_bwd),
+            ):
                 if fn is None:
                     continue
                 sec = time_fn(fn, torch, args.device, args.warmup, args.repeats)
@@ -345,8 +385,19 @@ def run_case(case: Case, args, torch, peaks: dict) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["kernel", "shape", "impl", "fwd_ms", "fwd_GBps", "fwd_TFLOPs", "fwd_peak_extra_MB",
-            "fwd_bwd_ms", "fwd_bwd_GBps", "fwd_bwd_TFLOPs", "fwd_bwd_peak_extra_MB"]
+    cols = [
+        "kernel",
+        "shape",
+        "impl",
+        "fwd_ms",
+        "fwd_GBps",
+        "fwd_TFLOPs",
+        "fwd_peak_extra_MB",
+        "fwd_bwd_ms",
+        "fwd_bwd_GBps",
+        "fwd_bwd_TFLOPs",
+        "fwd_bwd_peak_extra_MB",
+    ]
 
     def cell(row, col):
         v = row.get(col, "")
@@ -367,8 +418,10 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     peaks = measure_peaks(torch, args.device)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    print(f"device: {device_name}; copy {peaks['copy_GBps']:.1f} GB/s; "
-          f"{peaks['matmul_dtype']} matmul {peaks['matmul_TFLOPs']:.3f} TFLOP/s")
+    print(
+        f"device: {device_name}; copy {peaks['copy_GBps']:.1f} GB/s; "
+        f"{peaks['matmul_dtype']} matmul {peaks['matmul_TFLOPs']:.3f} TFLOP/s"
+    )
     if args.device == "cpu" and not args.interpret:
         print("NOTICE: Triton implementations skipped on CPU (pass --interpret to run the interpreter)")
     rows, skipped = [], []
@@ -385,10 +438,16 @@ def main(argv=None) -> dict:
             if args.device == "cuda":
                 torch.cuda.empty_cache()
     print(format_table(rows))
-    report = {"device": device_name, "device_type": args.device, "peaks": peaks, "triton_interpret": args.interpret,
-              "skipped_kernels": skipped,
-              "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "torch": torch.__version__, "results": rows}
+    report = {
+        "device": device_name,
+        "device_type": args.device,
+        "peaks": peaks,
+        "triton_interpret": args.interpret,
+        "skipped_kernels": skipped,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "torch": torch.__version__,
+        "results": rows,
+    }
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")

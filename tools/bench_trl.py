@@ -67,8 +67,11 @@ ALIGNED = {
     "warmup_steps": ("0", "20 = optimizer.warmup_steps"),
     "max_completion_length": ("512", "rollout.max_new_tokens"),
     "temperature/top_p/top_k": ("1.0/1.0/0", "1.0/1.0/off = rollout.temperature/top_p/top_k"),
-    "generation_kwargs": ("None", "suppress_tokens = the vision special tokens our engine blocks; "
-                                  "eos_token_id = our stop ids (<|im_end|>, <|endoftext|>)"),
+    "generation_kwargs": (
+        "None",
+        "suppress_tokens = the vision special tokens our engine blocks; "
+        "eos_token_id = our stop ids (<|im_end|>, <|endoftext|>)",
+    ),
     "per_device_train_batch_size": ("8", "prompts_per_step x num_generations (one optimiser step per rollout)"),
     "use_cpu/bf16": ("False/None", "True/False (float32 like model.dtype)"),
 }
@@ -185,17 +188,22 @@ def child_ours(args, out_json: Path, work: Path) -> None:
     steps = [r for r in rows if r.get("phase") == "grpo" and "time/step" in r]
     times = [float(r["time/step"]) for r in steps]
     result = {
-        "name": "ours", "command": "tools/train.py --config examples/configs/tiny_cpu.yaml " + " ".join(overrides),
+        "name": "ours",
+        "command": "tools/train.py --config examples/configs/tiny_cpu.yaml " + " ".join(overrides),
         **_summary(times, args.skip),
         "peak_rss_mb": _peak_rss_mb(),
         "peak_rss_by_phase_mb": phase_peaks,
         "max_step_rss_mb": max((float(r.get("memory/rss_mb", 0.0)) for r in steps), default=float("nan")),
-        "phase_median_s": {k.split("/", 1)[1]: statistics.median(float(r[k]) for r in steps[args.skip:] or steps)
-                           for k in steps[0] if k.startswith("time/") and k != "time/step"
-                           and all(k in r for r in steps)} if steps else {},
+        "phase_median_s": {
+            k.split("/", 1)[1]: statistics.median(float(r[k]) for r in steps[args.skip :] or steps)
+            for k in steps[0]
+            if k.startswith("time/") and k != "time/step" and all(k in r for r in steps)
+        }
+        if steps
+        else {},
         "reward_total_mean": statistics.fmean(float(r.get("reward/total", 0.0)) for r in steps) if steps else None,
         "torch_threads": torch.get_num_threads(),
-    }  # fmt: skip
+    }
     out_json.write_text(json.dumps(result, indent=2))
 
 
@@ -226,26 +234,31 @@ def child_trl(args, out_json: Path, work: Path) -> None:
     model_dir = work / "trl_model"
     tokenizer, config = _save_model(model_dir, args.seed)
     processor = build_qwen2vl_processor(tokenizer, min_pixels=3136, max_pixels=3136)
-    records = list(load_records("synthetic", "classification", num_synthetic=args.num_synthetic,
-                                synthetic_kind="color", seed=args.data_seed))
+    records = list(
+        load_records(
+            "synthetic", "classification", num_synthetic=args.num_synthetic, synthetic_kind="color", seed=args.data_seed
+        )
+    )
     examples, _ = preprocess_records(records, processor)
     by_id = {e.source_id: e for e in examples}
     records = [r for r in records if r.source_id in by_id]
     ground_truths = [by_id[r.source_id].ground_truth for r in records]
-    dataset = Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r.problem}]}]
-                   for r in records],
-        "image": [by_id[r.source_id].images[0] for r in records],
-        "gt_index": list(range(len(records))),
-    })  # fmt: skip
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r.problem}]}] for r in records
+            ],
+            "image": [by_id[r.source_id].images[0] for r in records],
+            "gt_index": list(range(len(records))),
+        }
+    )
 
     def _text(c) -> str:
         return c if isinstance(c, str) else "".join(m["content"] for m in c if m.get("role") == "assistant")
 
     def make_reward(name: str):
         def reward(prompts, completions, gt_index, **kwargs):
-            out = compute_rewards([_text(c) for c in completions], [ground_truths[i] for i in gt_index],
-                                  [(name, 1.0)])
+            out = compute_rewards([_text(c) for c in completions], [ground_truths[i] for i in gt_index], [(name, 1.0)])
             return [float(v) for v in out.total]
 
         reward.__name__ = name
@@ -269,8 +282,9 @@ def child_trl(args, out_json: Path, work: Path) -> None:
             self.t = now
 
     stop_ids = list(stop_token_ids(tokenizer))
-    blocked = vision_token_ids(tokenizer, config.text_config.vocab_size if hasattr(config, "text_config")
-                               else config.vocab_size)
+    blocked = vision_token_ids(
+        tokenizer, config.text_config.vocab_size if hasattr(config, "text_config") else config.vocab_size
+    )
     cfg = GRPOConfig(
         output_dir=str(work / "trl_out"), max_steps=args.steps, seed=args.seed, data_seed=args.data_seed,
         per_device_train_batch_size=args.prompts_per_step * args.num_generations, gradient_accumulation_steps=1,
@@ -285,22 +299,29 @@ def child_trl(args, out_json: Path, work: Path) -> None:
         dataloader_num_workers=0,
     )  # fmt: skip
     timer = StepTimer()
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=[make_reward(n) for n, _ in REWARD_TERMS],
-                          args=cfg, train_dataset=dataset, processing_class=processor, callbacks=[timer])
+    trainer = GRPOTrainer(
+        model=str(model_dir),
+        reward_funcs=[make_reward(n) for n, _ in REWARD_TERMS],
+        args=cfg,
+        train_dataset=dataset,
+        processing_class=processor,
+        callbacks=[timer],
+    )
     trainer.train()
     phase_peaks = sampler.stop()
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     import trl
 
     result = {
-        "name": "trl", "trl_version": trl.__version__,
+        "name": "trl",
+        "trl_version": trl.__version__,
         **_summary(timer.times, args.skip),
         "peak_rss_mb": _peak_rss_mb(),
         "peak_rss_by_phase_mb": phase_peaks,
         "max_step_rss_mb": max(timer.rss, default=float("nan")),
         "reward_total_mean": statistics.fmean(rewards) if rewards else None,
         "torch_threads": torch.get_num_threads(),
-    }  # fmt: skip
+    }
     out_json.write_text(json.dumps(result, indent=2))
 
 
@@ -309,13 +330,43 @@ def child_trl(args, out_json: Path, work: Path) -> None:
 
 def run_child(which: str, args, work: Path) -> dict:
     out_json = work / f"{which}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", which, "--_work", str(work),
-           "--steps", str(args.steps), "--skip", str(args.skip), "--prompts-per-step", str(args.prompts_per_step),
-           "--num-generations", str(args.num_generations), "--max-new-tokens", str(args.max_new_tokens),
-           "--num-synthetic", str(args.num_synthetic), "--temperature", str(args.temperature),
-           "--beta", str(args.beta), "--lr", str(args.lr), "--seed", str(args.seed), "--data-seed", str(args.data_seed)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_child",
+        which,
+        "--_work",
+        str(work),
+        "--steps",
+        str(args.steps),
+        "--skip",
+        str(args.skip),
+        "--prompts-per-step",
+        str(args.prompts_per_step),
+        "--num-generations",
+        str(args.num_generations),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--num-synthetic",
+        str(args.num_synthetic),
+        "--temperature",
+        str(args.temperature),
+        "--beta",
+        str(args.beta),
+        "--lr",
+        str(args.lr),
+        "--seed",
+        str(args.seed),
+        "--data-seed",
+        str(args.data_seed),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    }
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     t0 = time.perf_counter()
@@ -330,14 +381,18 @@ def run_child(which: str, args, work: Path) -> dict:
 
 
 def format_table(results: list[dict]) -> str:
-    head = ("| run | steps timed | median step s | mean step s | peak RSS MiB (ru_maxrss) | "
-            "peak RSS MiB: set-up / steps / after | process wall s |")
+    head = (
+        "| run | steps timed | median step s | mean step s | peak RSS MiB (ru_maxrss) | "
+        "peak RSS MiB: set-up / steps / after | process wall s |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|"]
     for r in results:
         ph = r.get("peak_rss_by_phase_mb", {})
         by_phase = " / ".join(f"{ph[k]:.0f}" if k in ph else "-" for k in ("setup", "steps", "after_steps"))
-        lines.append(f"| {r['name']} | {r['steps_timed']} | {r['median_step_s']:.3f} | {r['mean_step_s']:.3f} | "
-                     f"{r['peak_rss_mb']:.0f} | {by_phase} | {r['process_wall_s']:.1f} |")
+        lines.append(
+            f"| {r['name']} | {r['steps_timed']} | {r['median_step_s']:.3f} | {r['mean_step_s']:.3f} | "
+            f"{r['peak_rss_mb']:.0f} | {by_phase} | {r['process_wall_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -372,15 +427,34 @@ def main(argv=None) -> int:
         import importlib.util
 
         if importlib.util.find_spec("trl") is None:
-            print('error: trl is not installed; for this benchmark only: '
-                  'pip install "trl==1.16.0" -c constraints/cpu.txt', file=sys.stderr)
+            print(
+                "error: trl is not installed; for this benchmark only: "
+                'pip install "trl==1.16.0" -c constraints/cpu.txt',
+                file=sys.stderr,
+            )
             return 2
-    settings = {k: getattr(args, k) for k in ("steps", "skip", "prompts_per_step", "num_generations",
-                                               "max_new_tokens", "num_synthetic", "temperature", "beta", "lr",
-                                               "seed", "data_seed")}
-    print("settings (both runs): " + ", ".join(f"{k}={v}" for k, v in settings.items())
-          + "; model qwen2_vl 'tiny' float32; synthetic colour task, 56x56, min_pixels=max_pixels=3136; "
-          "rewards format + accuracy (weights 1, 1); 1 torch thread per run")
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "steps",
+            "skip",
+            "prompts_per_step",
+            "num_generations",
+            "max_new_tokens",
+            "num_synthetic",
+            "temperature",
+            "beta",
+            "lr",
+            "seed",
+            "data_seed",
+        )
+    }
+    print(
+        "settings (both runs): "
+        + ", ".join(f"{k}={v}" for k, v in settings.items())
+        + "; model qwen2_vl 'tiny' float32; synthetic colour task, 56x56, min_pixels=max_pixels=3136; "
+        "rewards format + accuracy (weights 1, 1); 1 torch thread per run"
+    )
     if "trl" in runs:
         print("TRL settings aligned to ours (TRL default -> value used):")
         for k, (default, ours) in ALIGNED.items():
@@ -396,8 +470,9 @@ def main(argv=None) -> int:
     load = os.getloadavg()
     print()
     print(format_table(results))
-    print(f"load average (1/5/15 min) at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-          f"on {os.cpu_count()} cores")
+    print(
+        f"load average (1/5/15 min) at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores"
+    )
     by = {r["name"]: r for r in results}
     verdict = None
     if {"ours", "trl"} <= set(by):
@@ -406,12 +481,24 @@ def main(argv=None) -> int:
         mem = o["peak_rss_mb"] / t["peak_rss_mb"]
         met = speed > 1.0 and mem <= 1.0
         verdict = {"trl_over_ours_step_time": speed, "ours_over_trl_peak_rss": mem, "target_met": met}
-        print(f"ours vs TRL: step time {speed:.2f}x {'faster' if speed > 1 else 'slower'} (TRL median / ours), "
-              f"peak RSS {mem:.2f}x of TRL's; target (faster at no more memory): {'met' if met else 'NOT met'}")
+        print(
+            f"ours vs TRL: step time {speed:.2f}x {'faster' if speed > 1 else 'slower'} (TRL median / ours), "
+            f"peak RSS {mem:.2f}x of TRL's; target (faster at no more memory): {'met' if met else 'NOT met'}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": settings, "aligned": ALIGNED, "not_aligned": NOT_ALIGNED,
-                                               "results": results, "comparison": verdict,
-                                               "load_average": load}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "settings": settings,
+                    "aligned": ALIGNED,
+                    "not_aligned": NOT_ALIGNED,
+                    "results": results,
+                    "comparison": verdict,
+                    "load_average": load,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

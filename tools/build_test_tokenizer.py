@@ -17,9 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument(
-        "--out", default=os.path.join(REPO, "tests", "assets", "tiny_qwen2vl_tokenizer")
-    )
+    parser.add_argument("--out", default=os.path.join(REPO, "tests", "assets", "tiny_qwen2vl_tokenizer"))
     parser.add_argument("--vocab-size", type=int, default=3000)
     args = parser.parse_args()
     tok = build_tiny_tokenizer(args.out, vocab_size=args.vocab_size)

@@ -54,7 +54,11 @@ def verify(hf_dir: str, ckpt_dir: str, *, seed: int = 0) -> float:
     from megatron.core import dist_checkpointing
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    from megatron_vrft.distributed.parallel_state import ParallelLayout, destroy_model_parallel, initialize_model_parallel
+    from megatron_vrft.distributed.parallel_state import (
+        ParallelLayout,
+        destroy_model_parallel,
+        initialize_model_parallel,
+    )
     from megatron_vrft.models.conversion import MegatronCheckpointReader, build_policy_sharded_state_dict
     from megatron_vrft.models.qwen2_vl.inputs import compute_mm_token_type_ids
     from megatron_vrft.models.qwen2_vl.model import Qwen2VLPolicy
@@ -72,7 +76,9 @@ def verify(hf_dir: str, ckpt_dir: str, *, seed: int = 0) -> float:
     initialize_model_parallel(ParallelLayout())
     try:
         config = build_transformer_config(arch, Qwen2VLParallelism(), params_dtype=torch.float32)
-        policy = Qwen2VLPolicy(arch, config, pre_process=True, post_process=True, layer_spec=build_layer_spec(use_te=False)).eval()
+        policy = Qwen2VLPolicy(
+            arch, config, pre_process=True, post_process=True, layer_spec=build_layer_spec(use_te=False)
+        ).eval()
         if reader.vocab_padded_size == arch.vocab_size:
             # megatron-core's own loader: exercises the checkpoint format end to end.
             state = dist_checkpointing.load(build_policy_sharded_state_dict(policy, tp_rank=0, dp_rank=0), ckpt_dir)
@@ -104,7 +110,9 @@ def _vocab_padded_size(args, vocab_size: int) -> int | None:
     if args.vocab_padded_size and args.make_vocab_size_divisible_by:
         raise SystemExit("give --vocab-padded-size or --make-vocab-size-divisible-by, not both")
     if args.make_vocab_size_divisible_by:
-        return compute_vocab_padded_size(vocab_size, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, tp_size=args.tp)
+        return compute_vocab_padded_size(
+            vocab_size, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, tp_size=args.tp
+        )
     return args.vocab_padded_size
 
 
@@ -122,8 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--tp", type=int, default=1, help="TP chunking on disk (any TP loads the result)")
             sp.add_argument("--pp", type=int, default=1, help="pipeline size to validate the layer split for")
             sp.add_argument("--vocab-padded-size", type=int, default=None)
-            sp.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
-                            help="pad the vocabulary to a multiple of this times --tp (Megatron-LM rule)")  # fmt: skip
+            sp.add_argument(
+                "--make-vocab-size-divisible-by",
+                type=int,
+                default=None,
+                help="pad the vocabulary to a multiple of this times --tp (Megatron-LM rule)",
+            )
 
     a = sub.add_parser("hf-to-megatron", help="HF safetensors directory -> Megatron distributed checkpoint")
     a.add_argument("--hf", required=True)
@@ -151,22 +163,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "hf-to-megatron":
         vocab = as_arch(conversion.HfCheckpointReader(args.hf).config()).vocab_size
         conversion.convert_hf_to_megatron(
-            args.hf, args.out, tp_size=args.tp, pp_size=args.pp, vocab_padded_size=_vocab_padded_size(args, vocab),
-            overwrite=args.overwrite, progress=progress,
-        )  # fmt: skip
+            args.hf,
+            args.out,
+            tp_size=args.tp,
+            pp_size=args.pp,
+            vocab_padded_size=_vocab_padded_size(args, vocab),
+            overwrite=args.overwrite,
+            progress=progress,
+        )
         hf_dir, ckpt_dir = args.hf, args.out
     elif args.command == "megatron-to-hf":
         conversion.convert_megatron_to_hf(
-            args.ckpt, args.out, max_shard_bytes=int(args.max_shard_size_gb * 2**30), overwrite=args.overwrite,
+            args.ckpt,
+            args.out,
+            max_shard_bytes=int(args.max_shard_size_gb * 2**30),
+            overwrite=args.overwrite,
             progress=progress,
-        )  # fmt: skip
+        )
         hf_dir, ckpt_dir = args.out, args.ckpt
     elif args.command == "reshard":
         vocab = conversion.MegatronCheckpointReader(args.ckpt).arch.vocab_size
         conversion.reshard_megatron_checkpoint(
-            args.ckpt, args.out, tp_size=args.tp, pp_size=args.pp,
-            vocab_padded_size=_vocab_padded_size(args, vocab), overwrite=args.overwrite, progress=progress,
-        )  # fmt: skip
+            args.ckpt,
+            args.out,
+            tp_size=args.tp,
+            pp_size=args.pp,
+            vocab_padded_size=_vocab_padded_size(args, vocab),
+            overwrite=args.overwrite,
+            progress=progress,
+        )
         hf_dir, ckpt_dir = None, args.out
     else:
         hf_dir, ckpt_dir = args.hf, args.ckpt

@@ -71,8 +71,11 @@ def main(argv=None) -> int:
     parser = cli.config_parser(__doc__)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--predictions", type=Path, help="JSONL of {source_id, completion}")
-    source.add_argument("--checkpoint", type=Path,
-                        help="HF or Megatron checkpoint directory (or a run's checkpoints/ folder) to generate with")
+    source.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="HF or Megatron checkpoint directory (or a run's checkpoints/ folder) to generate with",
+    )
     parser.add_argument("--output-dir", type=Path, help="with --checkpoint: predictions, metrics, report, PNG")
     parser.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -91,8 +94,9 @@ def evaluate_main(args) -> int:
     try:
         predictions = read_predictions(args.predictions)
         records, ground_truths, options = read_eval_data(cfg, args.protocol)
-        metrics = score_predictions(cfg.data.task, [r.source_id for r in records], ground_truths, predictions,
-                                    **options)
+        metrics = score_predictions(
+            cfg.data.task, [r.source_id for r in records], ground_truths, predictions, **options
+        )
     except USER_ERRORS as err:
         return fail(err)
     print_metrics(metrics)
@@ -131,17 +135,37 @@ def evaluate_checkpoint(cfg, args) -> int:
         unusable = [r.source_id for r in records if r.source_id not in usable]
         if unusable and rank == 0:
             shown = ", ".join(unusable[:5]) + (", ..." if len(unusable) > 5 else "")
-            print(f"warning: {len(unusable)} records could not be used and are not evaluated "
-                  f"(counted as missing predictions): {shown}", file=sys.stderr)
+            print(
+                f"warning: {len(unusable)} records could not be used and are not evaluated "
+                f"(counted as missing predictions): {shown}",
+                file=sys.stderr,
+            )
         if records.skips.total and rank == 0:
             print(f"warning: skipped while reading the data: {records.skips.summary()}", file=sys.stderr)
         engine_name = builders.resolve_engine(cfg.rollout, name=args.engine)
-        engine = builders.build_engine(engine_name, cfg.rollout, d, opened.arch, tokenizer,
-                                       device=builders.default_device(), dtype=torch.float32, seed=cfg.trainer.seed)
+        engine = builders.build_engine(
+            engine_name,
+            cfg.rollout,
+            d,
+            opened.arch,
+            tokenizer,
+            device=builders.default_device(),
+            dtype=torch.float32,
+            seed=cfg.trainer.seed,
+        )
         engine.update_weights(opened.weights)
         sampling = builders.build_eval_sampling(cfg.rollout, tokenizer, temperature=args.temperature)
-        generate_predictions(engine, examples, sampling, out_dir, rank=rank, world=world,
-                             batch_size=args.batch_size, seed=cfg.trainer.seed, progress=True)
+        generate_predictions(
+            engine,
+            examples,
+            sampling,
+            out_dir,
+            rank=rank,
+            world=world,
+            batch_size=args.batch_size,
+            seed=cfg.trainer.seed,
+            progress=True,
+        )
     except USER_ERRORS as err:
         return fail(err)
     if world > 1:
@@ -161,9 +185,13 @@ def evaluate_checkpoint(cfg, args) -> int:
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     (out_dir / "report.md").write_text(markdown_report(metrics, title=f"{d.task}: {checkpoint}"))
     shown = examples[:8]
-    draw_prediction_grid(out_dir / "examples.png", [e.images[0] for e in shown],
-                         [predictions.get(e.source_id, "") for e in shown], [e.ground_truth for e in shown],
-                         task=d.task)
+    draw_prediction_grid(
+        out_dir / "examples.png",
+        [e.images[0] for e in shown],
+        [predictions.get(e.source_id, "") for e in shown],
+        [e.ground_truth for e in shown],
+        task=d.task,
+    )
     print_metrics(metrics)
     print(f"wrote {out_dir}/metrics.json, report.md, examples.png, predictions.jsonl")
     if dist.is_initialized():

@@ -45,8 +45,13 @@ def main() -> int:
         print("needs a CUDA GPU: vLLM's sleep mode is GPU only (on a CPU the engine's sleep is a no-op)")
         return 2
 
-    from megatron_vrft.data import build_qwen2vl_processor, build_tiny_tokenizer, load_records, preprocess_records
-    from megatron_vrft.data import stop_token_ids
+    from megatron_vrft.data import (
+        build_qwen2vl_processor,
+        build_tiny_tokenizer,
+        load_records,
+        preprocess_records,
+        stop_token_ids,
+    )
     from megatron_vrft.models.qwen2_vl.build import preset_source
     from megatron_vrft.rollout.engine import vision_token_ids
     from megatron_vrft.rollout.types import SamplingParams
@@ -62,10 +67,15 @@ def main() -> int:
 
     baseline = used_gib()
     engine = VLLMEngine(
-        source.arch, tokenizer=tok, blocked_token_ids=vision_token_ids(tok, source.arch.vocab_size),
-        dtype=getattr(torch, args.dtype), enable_sleep=True, kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30),
-        min_pixels=pixels, max_pixels=pixels,
-    )  # fmt: skip
+        source.arch,
+        tokenizer=tok,
+        blocked_token_ids=vision_token_ids(tok, source.arch.vocab_size),
+        dtype=getattr(torch, args.dtype),
+        enable_sleep=True,
+        kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30),
+        min_pixels=pixels,
+        max_pixels=pixels,
+    )
     engine.update_weights(source.weights.items())
     before = engine.generate(prompts, sampling, seed=seed)
     print(f"engine up: {used_gib() - baseline:.2f} GiB in use beyond the {baseline:.2f} GiB before it")

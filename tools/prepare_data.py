@@ -35,15 +35,23 @@ from megatron_vrft.data.prepare import (
 
 def _run(args: argparse.Namespace):
     if args.command in ("coco", "lvis"):
-        return build_coco_fewshot(args.annotations, args.out, k=args.k, seed=args.seed, categories=args.categories,
-                                  mode=args.mode, overwrite=args.overwrite)
+        return build_coco_fewshot(
+            args.annotations,
+            args.out,
+            k=args.k,
+            seed=args.seed,
+            categories=args.categories,
+            mode=args.mode,
+            overwrite=args.overwrite,
+        )
     if args.command == "ov-split":
         return build_ov_split(args.out, split=args.split, annotation_file=args.annotations, overwrite=args.overwrite)
     if args.command == "image-folder":
         common = dict(k=args.k, seed=args.seed, link=args.link, overwrite=args.overwrite)
         if args.dataset == "flowers102":
-            return build_flowers102(args.root, args.out, split=args.split or "train",
-                                    class_names_file=args.class_names, **common)
+            return build_flowers102(
+                args.root, args.out, split=args.split or "train", class_names_file=args.class_names, **common
+            )
         if args.dataset == "pets":
             return build_pets(args.root, args.out, split=args.split or "trainval", **common)
         if args.dataset == "aircraft":
@@ -52,8 +60,7 @@ def _run(args: argparse.Namespace):
         return build_cars(args.root, args.out, **extra, **common)
     if args.command == "lisa":
         return build_lisa(args.root, args.out, kind=args.kind, overwrite=args.overwrite)
-    return build_visual_rft(args.source, args.out, split=args.split, k=args.k, seed=args.seed,
-                            overwrite=args.overwrite)
+    return build_visual_rft(args.source, args.out, split=args.split, k=args.k, seed=args.seed, overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,9 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--annotations", required=True, help="instance JSON")
         p.add_argument("--k", type=int, required=True, help="images per category (at most)")
         p.add_argument("--categories", nargs="+", help="category names (or ids) to keep; default all")
-        p.add_argument("--mode", choices=("per-category", "greedy"), default="per-category",
-                       help="per-category: k images per category, only its annotations kept on each; "
-                            "greedy: images kept whole, skipped when they would push a category over k")
+        p.add_argument(
+            "--mode",
+            choices=("per-category", "greedy"),
+            default="per-category",
+            help="per-category: k images per category, only its annotations kept on each; "
+            "greedy: images kept whole, skipped when they would push a category over k",
+        )
     p = add("ov-split", "open-vocabulary base/novel category config fragments", seeded=False)
     p.add_argument("--split", choices=("coco-48-17", "lvis-rare"), required=True)
     p.add_argument("--annotations", help="instance JSON (required for lvis-rare; checks names for coco)")
@@ -83,11 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("flowers102", "pets", "aircraft", "cars"), required=True)
     p.add_argument("--root", required=True, help="the dataset's extracted release folder")
     p.add_argument("--k", type=int, required=True, help="images per class (at most)")
-    p.add_argument("--split", help="flowers102: train/val/test/all; pets: trainval/test; aircraft: "
-                                   "train/val/trainval/test")
+    p.add_argument(
+        "--split", help="flowers102: train/val/test/all; pets: trainval/test; aircraft: train/val/trainval/test"
+    )
     p.add_argument("--link", choices=("copy", "symlink"), default="copy")
     p.add_argument("--class-names", help="flowers102: file with one class name per line (default: built in)")
-    p.add_argument("--cars-annos", help="cars: annotation .mat relative to --root (default devkit/cars_train_annos.mat)")
+    p.add_argument(
+        "--cars-annos", help="cars: annotation .mat relative to --root (default devkit/cars_train_annos.mat)"
+    )
     p.add_argument("--cars-images", help="cars: image folder relative to --root (default cars_train)")
     p = add("lisa", "LISA ReasonSeg split folder -> grounding JSON", seeded=False)
     p.add_argument("--root", required=True, help="a split folder of <name>.jpg + <name>.json")

@@ -18,8 +18,9 @@ from megatron_vrft import cli
 
 def train_main(args) -> int:
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s"
+    )
     cfg = cli.load_run_config(args)
     import torch
     import torch.distributed as dist
@@ -36,10 +37,13 @@ def train_main(args) -> int:
         if dist.get_rank() == 0:
             fm = result.final_metrics
             shown = {k: v for k, v in fm.items() if k.startswith(("reward/", "eval/")) and isinstance(v, float)}
-            print(f"\ntrained {result.steps} steps; final: "
-                  + ", ".join(f"{k}={v:.3f}" for k, v in sorted(shown.items())))
-            print(f"outputs: {result.output_dir}/metrics.jsonl, {result.files.get('reward_curve', '-')}, "
-                  f"HF checkpoint {result.hf_checkpoint}")
+            print(
+                f"\ntrained {result.steps} steps; final: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(shown.items()))
+            )
+            print(
+                f"outputs: {result.output_dir}/metrics.jsonl, {result.files.get('reward_curve', '-')}, "
+                f"HF checkpoint {result.hf_checkpoint}"
+            )
     finally:
         dist.destroy_process_group()
     return cli.EXIT_OK

@@ -25,6 +25,7 @@ import sys
 import time
 import zlib
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", choices=("hf", "vllm"), default="hf")
@@ -43,8 +44,17 @@ def parse_args(argv=None):
 
 def launch(args) -> int:
     """Re-run this script under torchrun with TP x PP ranks."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.tp * args.pp),
-           "--master_port", os.environ.get("MASTER_PORT", "29517"), os.path.abspath(__file__), *sys.argv[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(args.tp * args.pp),
+        "--master_port",
+        os.environ.get("MASTER_PORT", "29517"),
+        os.path.abspath(__file__),
+        *sys.argv[1:],
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.call(cmd, env=env)
 
@@ -78,22 +88,44 @@ def run(args) -> int:
     layout = ParallelLayout(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp)
     groups = initialize_model_parallel(layout, seed=0)
     # the run this check stands for: the colour task's prompts, the engine and sampling as a run builds them
-    cfg = load_config(None, [
-        "model.family=qwen2_vl", f"model.hf_path={args.checkpoint or 'null'}", "data.source=synthetic",
-        "data.task=classification", "data.synthetic_kind=color", f"data.num_synthetic={args.prompts}",
-        f"data.min_pixels={56 * 56}", f"data.max_pixels={112 * 112}", f"rollout.engine={args.engine}",
-        f"rollout.num_generations={args.samples}", f"rollout.temperature={args.temperature}",
-        f"rollout.max_new_tokens={args.max_new_tokens}",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "model.family=qwen2_vl",
+            f"model.hf_path={args.checkpoint or 'null'}",
+            "data.source=synthetic",
+            "data.task=classification",
+            "data.synthetic_kind=color",
+            f"data.num_synthetic={args.prompts}",
+            f"data.min_pixels={56 * 56}",
+            f"data.max_pixels={112 * 112}",
+            f"rollout.engine={args.engine}",
+            f"rollout.num_generations={args.samples}",
+            f"rollout.temperature={args.temperature}",
+            f"rollout.max_new_tokens={args.max_new_tokens}",
+        ],
+    )
     tokenizer = builders.build_tokenizer(cfg.model)
-    prompts = builders.build_examples(cfg.data, builders.build_processor(tokenizer, cfg.data),
-                                      builders.build_records(cfg.data))
-    source = (preset_source("qwen2_vl", "tiny", tokenizer, seed=0) if args.checkpoint is None
-              else load_hf_source(args.checkpoint))
+    prompts = builders.build_examples(
+        cfg.data, builders.build_processor(tokenizer, cfg.data), builders.build_records(cfg.data)
+    )
+    source = (
+        preset_source("qwen2_vl", "tiny", tokenizer, seed=0)
+        if args.checkpoint is None
+        else load_hf_source(args.checkpoint)
+    )
     chunks = build_policy(source, layout, groups, params_dtype=torch.float32)
     arch = chunks[0].arch
-    engine = builders.build_engine(builders.resolve_engine(cfg.rollout), cfg.rollout, cfg.data, arch, tokenizer,
-                                   device=device, dtype=torch.float32, seed=0)
+    engine = builders.build_engine(
+        builders.resolve_engine(cfg.rollout),
+        cfg.rollout,
+        cfg.data,
+        arch,
+        tokenizer,
+        device=device,
+        dtype=torch.float32,
+        seed=0,
+    )
     sampling = builders.build_sampling(cfg.rollout, tokenizer)
     bucket_bytes = int(args.bucket_mb * 2**20)
     figures = {"engine": args.engine, "tp": args.tp, "pp": args.pp, "temperature": args.temperature}
@@ -136,11 +168,21 @@ def run(args) -> int:
 
     def compare(tag: str) -> float:
         batch = engine.generate(prompts, sampling, seed=1234)
-        mbs = build_micro_batches(arch, [batch.prompt_of(i) for i in range(len(batch))], batch.response_ids,
-                                  micro_batch_tokens=4096, pad_token_id=sampling.stop_token_ids[0],
-                                  sampling_logprobs=batch.sampling_logprobs)
-        trainer = forward_logprobs(chunks, mbs, groups=groups, temperature=args.temperature,
-                                   blocked_token_ids=vision_token_ids(tokenizer, arch.vocab_size))  # as in training
+        mbs = build_micro_batches(
+            arch,
+            [batch.prompt_of(i) for i in range(len(batch))],
+            batch.response_ids,
+            micro_batch_tokens=4096,
+            pad_token_id=sampling.stop_token_ids[0],
+            sampling_logprobs=batch.sampling_logprobs,
+        )
+        trainer = forward_logprobs(
+            chunks,
+            mbs,
+            groups=groups,
+            temperature=args.temperature,
+            blocked_token_ids=vision_token_ids(tokenizer, arch.vocab_size),
+        )  # as in training
         worst = torch.zeros((), dtype=torch.float64)
         if trainer is not None:
             for mb, lp in zip(mbs, trainer):
@@ -167,11 +209,15 @@ def run(args) -> int:
     figures["ok"] = ok
     if dist.get_rank() == 0:
         print(json.dumps(figures, indent=1))
-        print(f"max |engine - trainer| log-prob: first update {first:.3g}, second update {second:.3g} "
-              f"(tolerance {args.tolerance:g}): {'OK' if ok else 'FAILED'}")
-        print(f"export: {figures['first_export_bytes_per_s'] / 1e6:.1f} MB/s vs plain copy "
-              f"{figures['first_plain_copy_bytes_per_s'] / 1e6:.1f} MB/s; largest bucket "
-              f"{figures['first_export_largest_bucket_bytes'] / 2**20:.2f} MiB")
+        print(
+            f"max |engine - trainer| log-prob: first update {first:.3g}, second update {second:.3g} "
+            f"(tolerance {args.tolerance:g}): {'OK' if ok else 'FAILED'}"
+        )
+        print(
+            f"export: {figures['first_export_bytes_per_s'] / 1e6:.1f} MB/s vs plain copy "
+            f"{figures['first_plain_copy_bytes_per_s'] / 1e6:.1f} MB/s; largest bucket "
+            f"{figures['first_export_largest_bucket_bytes'] / 2**20:.2f} MiB"
+        )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(figures, f, indent=1)

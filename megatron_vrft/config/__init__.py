@@ -24,8 +24,22 @@ from megatron_vrft.config.schema import (
 )
 
 __all__ = [
-    "AlgorithmConfig", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig",
-    "OptimizerConfig", "ParallelConfig", "RewardConfig", "RewardTerm", "RolloutConfig",
-    "TrainerConfig", "VisualRFTConfig", "apply_overrides", "build_dataclass", "config_to_dict",
-    "describe_config", "dump_config", "load_config",
+    "AlgorithmConfig",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "RewardConfig",
+    "RewardTerm",
+    "RolloutConfig",
+    "TrainerConfig",
+    "VisualRFTConfig",
+    "apply_overrides",
+    "build_dataclass",
+    "config_to_dict",
+    "describe_config",
+    "dump_config",
+    "load_config",
 ]

@@ -102,7 +102,8 @@ def build_dataclass(cls: type[T], values: dict, path: str = "") -> T:
             hint = difflib.get_close_matches(str(key), list(fields), n=1)
             suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ConfigError(
-                _join(path, str(key)), values[key],
+                _join(path, str(key)),
+                values[key],
                 f"a known key of {cls.__name__}: {', '.join(fields)}{suggestion}",
             )
     kwargs = {}

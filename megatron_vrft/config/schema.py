@@ -77,9 +77,7 @@ class VLLMConfig:
 
     def validate(self, prefix: str) -> None:
         if not 0 < self.gpu_memory_utilization < 1:
-            raise ConfigError(
-                f"{prefix}.gpu_memory_utilization", self.gpu_memory_utilization, "a float in (0, 1)"
-            )
+            raise ConfigError(f"{prefix}.gpu_memory_utilization", self.gpu_memory_utilization, "a float in (0, 1)")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"{prefix}.tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
 
@@ -166,9 +164,9 @@ class AlgorithmConfig:
         "Weights above the threshold are capped at it (truncate) or zeroed (mask).", default="truncate"
     )
     rollout_correction_threshold: float = doc("Threshold of the rollout correction weights.", default=2.0)
-    loss_agg_mode: Literal[
-        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
-    ] = doc("How per-token losses are reduced to a scalar.", default="token-mean")
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = doc(
+        "How per-token losses are reduced to a scalar.", default="token-mean"
+    )
     entropy_coef: float = doc("Weight of the entropy bonus (0 disables).", default=0.0)
     ppo_epochs: int = doc("Optimisation passes over each rollout batch.", default=1)
 
@@ -178,7 +176,9 @@ class AlgorithmConfig:
             if not value >= 0:
                 raise ConfigError(f"{prefix}.{name}", value, "a float >= 0")
         if not self.rollout_correction_threshold > 0:
-            raise ConfigError(f"{prefix}.rollout_correction_threshold", self.rollout_correction_threshold, "a float > 0")
+            raise ConfigError(
+                f"{prefix}.rollout_correction_threshold", self.rollout_correction_threshold, "a float > 0"
+            )
         if not self.clip_ratio_c > 1:
             raise ConfigError(f"{prefix}.clip_ratio_c", self.clip_ratio_c, "a float > 1")
         if self.ppo_epochs < 1:
@@ -192,8 +192,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = doc("Adam betas.", default=(0.9, 0.999))
     grad_clip: float = doc("Global gradient-norm clip; 0 disables.", default=1.0)
     warmup_steps: int = doc(
-        "Linear LR warm-up steps, of the SFT warm-up and again of GRPO (which starts with a fresh "
-        "optimizer after it).",
+        "Linear LR warm-up steps, of the SFT warm-up and again of GRPO (which starts with a fresh optimizer after it).",
         default=0,
     )
 
@@ -243,8 +242,7 @@ class DataConfig:
         default="pixels_resized",
     )
     annotation_coord_space: Literal["pixels_original", "pixels_resized", "norm_1000", "norm_1"] = doc(
-        "Space the dataset's boxes are stored in, for sources that do not record it "
-        "(the Visual-RFT table).",
+        "Space the dataset's boxes are stored in, for sources that do not record it (the Visual-RFT table).",
         default="pixels_original",
     )
     on_error: Literal["raise", "skip"] = doc(
@@ -288,8 +286,7 @@ class RewardConfig:
         default="default",
     )
     matching: Literal["greedy", "hungarian"] = doc(
-        "Detection prediction-to-ground-truth matching: confidence-ordered greedy (published) or "
-        "optimal (Hungarian).",
+        "Detection prediction-to-ground-truth matching: confidence-ordered greedy (published) or optimal (Hungarian).",
         default="greedy",
     )
     iou_threshold: float = doc("IoU above which a predicted box matches a ground-truth box.", default=0.5)
@@ -341,7 +338,9 @@ class TrainerConfig:
             raise ConfigError(f"{prefix}.sft_warmup_steps", self.sft_warmup_steps, "an integer >= 0")
         for i, kind in enumerate(self.offload_during_rollout):
             if kind not in ("params", "grads", "optimizer"):
-                raise ConfigError(f"{prefix}.offload_during_rollout[{i}]", kind, "one of 'params', 'grads', 'optimizer'")
+                raise ConfigError(
+                    f"{prefix}.offload_during_rollout[{i}]", kind, "one of 'params', 'grads', 'optimizer'"
+                )
         if self.keep_checkpoints < 1:
             raise ConfigError(f"{prefix}.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
         if self.num_steps < 1:

@@ -19,6 +19,7 @@ from .boxes import (
     xywh_to_xyxy,
 )
 from .collate import VisionLanguageBatch, collate_examples
+from .dataset import SOURCES, load_records
 from .errors import DataError, OnError, OutOfBounds, SkipCounts
 from .processing import (
     PreprocessedExample,
@@ -39,7 +40,6 @@ from .prompts import (
     build_detection_prompt,
     build_grounding_prompt,
 )
-from .dataset import SOURCES, load_records
 from .readers import (
     READERS,
     read_coco_detection,

@@ -32,12 +32,7 @@ def clip_boxes(boxes, width: float, height: float) -> tuple[np.ndarray, np.ndarr
 def boxes_out_of_bounds(boxes, width: float, height: float, tol: float = 1e-6) -> np.ndarray:
     """``(K,)`` bool: the box extends outside ``[0, width] x [0, height]`` by more than ``tol``."""
     arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return (
-        (arr[:, 0] < -tol)
-        | (arr[:, 1] < -tol)
-        | (arr[:, 2] > width + tol)
-        | (arr[:, 3] > height + tol)
-    )
+    return (arr[:, 0] < -tol) | (arr[:, 1] < -tol) | (arr[:, 2] > width + tol) | (arr[:, 3] > height + tol)
 
 
 def degenerate_boxes(boxes) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -78,9 +79,7 @@ def collate_examples(
         pixel_values=torch.cat([e.pixel_values for e in examples], dim=0),
         image_grid_thw=torch.cat([e.image_grid_thw for e in examples], dim=0),
         prompt_lengths=torch.tensor(lengths, dtype=torch.long),
-        num_images=torch.tensor(
-            [int(e.image_grid_thw.shape[0]) for e in examples], dtype=torch.long
-        ),
+        num_images=torch.tensor([int(e.image_grid_thw.shape[0]) for e in examples], dtype=torch.long),
         source_ids=[e.source_id for e in examples],
         tasks=[e.task for e in examples],
         ground_truths=[e.ground_truth for e in examples],

@@ -6,7 +6,7 @@ Takes explicit arguments (the data layer knows nothing of config objects); the e
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .boxes import CoordSpace
 from .errors import DataError, OnError
@@ -53,9 +53,7 @@ def load_records(
         raise ValueError(f"data source {source!r} needs a path")
     if source == "synthetic":
         if task == "classification":
-            records = build_synthetic_classification(
-                num_synthetic, seed=seed, classes=categories, kind=synthetic_kind
-            )
+            records = build_synthetic_classification(num_synthetic, seed=seed, classes=categories, kind=synthetic_kind)
         elif task == "detection":
             kwargs = {"categories": categories} if categories else {}
             records = build_synthetic_detection(num_synthetic, seed=seed, box_space=box_space, **kwargs)
@@ -64,11 +62,19 @@ def load_records(
         else:
             raise ValueError(f"unknown task {task!r}")
     elif source == "visual_rft":
-        records = read_visual_rft(path, coord_space=annotation_coord_space, task=task, image_root=image_root,
-                                  on_error=on_error)
+        records = read_visual_rft(
+            path, coord_space=annotation_coord_space, task=task, image_root=image_root, on_error=on_error
+        )
     elif source in ("coco", "lvis"):
-        records = read_coco_detection(path, image_root or "", box_space=box_space, categories=categories,
-                                      k_shot=k_shot, seed=seed, on_error=on_error)
+        records = read_coco_detection(
+            path,
+            image_root or "",
+            box_space=box_space,
+            categories=categories,
+            k_shot=k_shot,
+            seed=seed,
+            on_error=on_error,
+        )
     elif source == "image_folder":
         records = read_image_folder(path, classes=categories, k_shot=k_shot, seed=seed, on_error=on_error)
     else:

@@ -67,7 +67,7 @@ class SkipCounts:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def merge(self, other: "SkipCounts") -> None:
+    def merge(self, other: SkipCounts) -> None:
         self.counts.update(other.counts)
         for reason, names in other.examples.items():
             mine = self.examples.setdefault(reason, [])
@@ -78,8 +78,7 @@ class SkipCounts:
         if not self.counts:
             return "0 events"
         parts = [
-            f"{reason}={n} ({', '.join(self.examples.get(reason, []))})"
-            for reason, n in sorted(self.counts.items())
+            f"{reason}={n} ({', '.join(self.examples.get(reason, []))})" for reason, n in sorted(self.counts.items())
         ]
         return f"{self.total} events: " + ", ".join(parts)
 

@@ -17,8 +17,8 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -85,7 +85,7 @@ def build_qwen2vl_processor(
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     chat_template: str | None = None,
-) -> "Qwen2VLImageTextProcessor":  # noqa: F821 - imported lazily
+) -> Qwen2VLImageTextProcessor:  # noqa: F821 - imported lazily
     """Processor from a tokenizer (the tiny test one or a real Qwen2-VL one).
 
     ``image_processor`` defaults to :func:`build_image_processor` with the pixel budget;
@@ -93,16 +93,12 @@ def build_qwen2vl_processor(
     """
     if image_processor is None:
         image_processor = build_image_processor(min_pixels=min_pixels, max_pixels=max_pixels)
-    template = (
-        chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
-    )
+    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
     if template is None:
         raise ValueError("the tokenizer has no chat template; pass chat_template=")
     from .qwen2vl_processor import Qwen2VLImageTextProcessor
 
-    return Qwen2VLImageTextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=template
-    )
+    return Qwen2VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
 
 def compute_resized_size(width: int, height: int, image_processor) -> tuple[int, int]:
@@ -127,9 +123,7 @@ def resized_size_from_grid(image_grid_thw, patch_size: int) -> list[tuple[int, i
     return [(int(g[2]) * patch_size, int(g[1]) * patch_size) for g in grid]
 
 
-def build_chat_messages(
-    problem: str, num_images: int, *, system_prompt: str | None = None
-) -> list[dict]:
+def build_chat_messages(problem: str, num_images: int, *, system_prompt: str | None = None) -> list[dict]:
     """Chat messages in the Qwen2-VL layout: image parts first, then the text."""
     content: list[dict] = [{"type": "image"} for _ in range(num_images)]
     content.append({"type": "text", "text": problem})
@@ -140,9 +134,7 @@ def build_chat_messages(
     return messages
 
 
-def render_prompt(
-    processor, problem: str, num_images: int, *, system_prompt: str | None = None
-) -> str:
+def render_prompt(processor, problem: str, num_images: int, *, system_prompt: str | None = None) -> str:
     """The chat-templated prompt text ending with the assistant generation prompt."""
     return processor.apply_chat_template(
         build_chat_messages(problem, num_images, system_prompt=system_prompt),

@@ -16,7 +16,7 @@ prompt ("Output the bounding box in the image corresponding to the instruction: 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .boxes import COORD_SPACES, CoordSpace
 
@@ -54,9 +54,7 @@ def build_detection_prompt(categories: Sequence[str], *, box_space: CoordSpace) 
     """
     names = [str(c).strip() for c in categories]
     if not names or any(not n for n in names):
-        raise ValueError(
-            f"detection prompt needs at least one non-empty category name, got {categories!r}"
-        )
+        raise ValueError(f"detection prompt needs at least one non-empty category name, got {categories!r}")
     coords = coordinate_wording(box_space)
     if len(names) == 1:
         cat = names[0]

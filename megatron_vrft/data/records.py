@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -52,7 +53,7 @@ class EncodedImage:
     name: str
 
 
-ImageSource = Union[str, os.PathLike, EncodedImage, Image.Image]
+ImageSource = str | os.PathLike | EncodedImage | Image.Image
 
 
 def image_source_name(source: ImageSource) -> str:
@@ -77,8 +78,7 @@ def _open(source: ImageSource) -> Image.Image:
             raise DataError(f"image file not found: {path}", MISSING_IMAGE)
         return Image.open(path)
     raise DataError(
-        f"unsupported image source of type {type(source).__name__}; expected a path, "
-        "EncodedImage or PIL image",
+        f"unsupported image source of type {type(source).__name__}; expected a path, EncodedImage or PIL image",
         CORRUPT_IMAGE,
     )
 
@@ -180,8 +180,10 @@ class VisualRecord:
             if gt.image_size is None:
                 fill["image_size"] = self.image_size
             elif tuple(gt.image_size) != self.image_size:
-                raise ValueError(f"{self.source_id}: image_size {self.image_size} but the ground truth's is "
-                                 f"{tuple(int(v) for v in gt.image_size)}")
+                raise ValueError(
+                    f"{self.source_id}: image_size {self.image_size} but the ground truth's is "
+                    f"{tuple(int(v) for v in gt.image_size)}"
+                )
         if gt.name == "ground_truth":
             fill["name"] = self.source_id
         if fill:
@@ -222,9 +224,7 @@ def sanitize_boxes(
             raise ValueError(f"out_of_bounds must be 'clip' or 'error', got {out_of_bounds!r}")
         boxes, _ = clip_boxes(boxes, width, height)
         for _ in range(int(outside.sum())):
-            skips.add(
-                BOX_CLIPPED, name, f"box clipped to [0, {width:g}] x [0, {height:g}], e.g. {first}"
-            )
+            skips.add(BOX_CLIPPED, name, f"box clipped to [0, {width:g}] x [0, {height:g}], e.g. {first}")
     keep = ~degenerate_boxes(boxes)
     return boxes, keep
 
@@ -247,15 +247,19 @@ def check_detection_boxes(
     (zero area, inverted or non-finite) are dropped and counted (``on_error="skip"``) or raise
     ``DataError`` (reason ``degenerate_box``). Returns ``(boxes (K', 4), categories)``.
     """
-    boxes, keep = sanitize_boxes(
-        boxes, width=width, height=height, out_of_bounds=out_of_bounds, name=name, skips=skips
-    )
+    boxes, keep = sanitize_boxes(boxes, width=width, height=height, out_of_bounds=out_of_bounds, name=name, skips=skips)
     if not keep.all():
         bad = boxes[np.argmin(keep)].tolist()
         num_bad = int((~keep).sum())
         message = f"{num_bad} degenerate box(es) (zero area or non-finite), first {bad}"
-        raise_or_skip(on_error, skips, DataError(f"{name}: {message}", DEGENERATE_BOX), name,
-                      count=num_bad, skip_message=message + "; box dropped")
+        raise_or_skip(
+            on_error,
+            skips,
+            DataError(f"{name}: {message}", DEGENERATE_BOX),
+            name,
+            count=num_bad,
+            skip_message=message + "; box dropped",
+        )
     if categories is not None:
         categories = tuple(c for c, k in zip(categories, keep) if k)
     return boxes[keep], categories
@@ -274,9 +278,13 @@ def check_grounding_box(
     degenerate box always fails the record (``DataError``, reason ``degenerate_box``; a reader in
     skip mode counts the record)."""
     boxes, keep = sanitize_boxes(
-        np.asarray(box, dtype=np.float64).reshape(1, 4), width=width, height=height,
-        out_of_bounds=out_of_bounds, name=name, skips=skips,
-    )  # fmt: skip
+        np.asarray(box, dtype=np.float64).reshape(1, 4),
+        width=width,
+        height=height,
+        out_of_bounds=out_of_bounds,
+        name=name,
+        skips=skips,
+    )
     if not keep[0]:
         raise DataError(f"{name}: degenerate grounding box {boxes[0].tolist()}", DEGENERATE_BOX)
     return boxes[0]

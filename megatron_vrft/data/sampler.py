@@ -13,9 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def build_epoch_order(
-    num_records: int, *, seed: int, epoch: int, shuffle: bool = True
-) -> np.ndarray:
+def build_epoch_order(num_records: int, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
     """``(num_records,)`` int64 record indices for ``epoch``: a permutation seeded by
     ``(seed, epoch)`` or ``arange`` when not shuffling."""
     if num_records < 1:
@@ -63,9 +61,7 @@ class PromptBatcher:
                 f"global_batch_size {self.global_batch_size} must be a positive multiple of dp_size {self.dp_size}"
             )
         if self.num_records < self.global_batch_size:
-            raise ValueError(
-                f"{self.num_records} records cannot fill one global batch of {self.global_batch_size}"
-            )
+            raise ValueError(f"{self.num_records} records cannot fill one global batch of {self.global_batch_size}")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -76,9 +72,7 @@ class PromptBatcher:
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch += 1
             self.step_in_epoch = 0
-        order = build_epoch_order(
-            self.num_records, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle
-        )
+        order = build_epoch_order(self.num_records, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
         start = self.step_in_epoch * self.global_batch_size
         self.step_in_epoch += 1
         batch = order[start : start + self.global_batch_size]

@@ -8,7 +8,8 @@ change when other classes are added or removed, and the same seed always gives t
 from __future__ import annotations
 
 import random
-from typing import Callable, Hashable, Mapping, Sequence, TypeVar
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TypeVar
 
 T = TypeVar("T")
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -157,22 +158,15 @@ def compose_scene(
             x = int(rng.integers(0, w - s + 1))
             y = int(rng.integers(0, h - s + 1))
             cand = (x - margin, y - margin, x + s + margin, y + s + margin)
-            if all(
-                cand[2] <= p[0] or p[2] <= cand[0] or cand[3] <= p[1] or p[3] <= cand[1]
-                for p in placed
-            ):
+            if all(cand[2] <= p[0] or p[2] <= cand[0] or cand[3] <= p[1] or p[3] <= cand[1] for p in placed):
                 break
         else:
-            raise RuntimeError(
-                f"could not place {len(specs)} shapes on a {w}x{h} image; use fewer or smaller"
-            )
+            raise RuntimeError(f"could not place {len(specs)} shapes on a {w}x{h} image; use fewer or smaller")
         placed.append((x, y, x + s, y + s))
         mask = draw_shape_mask(shape, size, x, y, s)
         scene.paste(Image.new("RGB", size, COLORS[color]), (0, 0), mask)
         x1, y1, x2, y2 = mask.getbbox()
-        objects.append(
-            DrawnObject(shape=shape, color=color, box=(float(x1), float(y1), float(x2), float(y2)))
-        )
+        objects.append(DrawnObject(shape=shape, color=color, box=(float(x1), float(y1), float(x2), float(y2))))
     return scene, bg, objects
 
 
@@ -299,9 +293,7 @@ def build_synthetic_detection(
     """
     unknown = [c for c in categories if c not in SHAPES]
     if unknown or not categories:
-        raise ValueError(
-            f"categories must be non-empty shape names from {SHAPES}, got {list(categories)}"
-        )
+        raise ValueError(f"categories must be non-empty shape names from {SHAPES}, got {list(categories)}")
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
     rng = np.random.default_rng(seed)
@@ -389,14 +381,10 @@ def build_synthetic_grounding(
     for i in range(num_records):
         n = int(rng.integers(min_objects, max_objects + 1))
         chosen = [pairs[j] for j in rng.choice(len(pairs), size=n, replace=False)]
-        img, _, objects = compose_scene(
-            rng, chosen, size=image_size, background=background, photo_cache=cache
-        )
+        img, _, objects = compose_scene(rng, chosen, size=image_size, background=background, photo_cache=cache)
         t = int(rng.integers(n))
         target = objects[t]
-        options = [
-            (o, r) for j, o in enumerate(objects) if j != t for r in _relation(target.box, o.box)
-        ]
+        options = [(o, r) for j, o in enumerate(objects) if j != t for r in _relation(target.box, o.box)]
         anchor, rel = options[int(rng.integers(len(options)))]  # disjoint boxes: never empty
         expression = f"the {target.color} {target.shape} {rel} the {anchor.color} {anchor.shape}"
         sid = f"synthetic-grd-{seed}-{i:05d}"

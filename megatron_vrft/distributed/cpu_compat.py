@@ -141,7 +141,7 @@ class _CpuCuda(types.SimpleNamespace):
         return None
 
     @staticmethod
-    def current_stream(device: Any = None) -> "_NullStream":
+    def current_stream(device: Any = None) -> _NullStream:
         return _NullStream()
 
     @staticmethod
@@ -267,12 +267,14 @@ def is_cpu_compat_applied() -> bool:
     """True when every module in ``PATCHED_MODULES`` carries the CPU proxy."""
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
-    return all(
-        getattr(importlib.import_module(name), _PATCH_MARK, False) for name in PATCHED_MODULES
-    ) and getattr(LanguageModule.setup_embeddings_and_output_layer, _PATCH_MARK, False) and getattr(
-        importlib.import_module("megatron.core.optimizer.clip_grads").clip_grad_by_total_norm_fp32,
-        _PATCH_MARK,
-        False,
+    return (
+        all(getattr(importlib.import_module(name), _PATCH_MARK, False) for name in PATCHED_MODULES)
+        and getattr(LanguageModule.setup_embeddings_and_output_layer, _PATCH_MARK, False)
+        and getattr(
+            importlib.import_module("megatron.core.optimizer.clip_grads").clip_grad_by_total_norm_fp32,
+            _PATCH_MARK,
+            False,
+        )
     )
 
 

@@ -79,19 +79,22 @@ def compute_box_map(
         if not key:
             raise ValueError(f"category {name!r} is empty after label normalisation")
         if key in cat_ids:
-            raise ValueError(f"categories {categories[cat_ids[key] - 1]!r} and {name!r} are the same "
-                             f"category after label normalisation ({key!r})")
+            raise ValueError(
+                f"categories {categories[cat_ids[key] - 1]!r} and {name!r} are the same "
+                f"category after label normalisation ({key!r})"
+            )
         cat_ids[key] = i + 1
-    gt = {"images": [], "annotations": [],
-          "categories": [{"id": i + 1, "name": n} for i, n in enumerate(categories)]}
+    gt = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(categories)]}
     dets = []
     ann_id = 1
     for img in images:
         gt["images"].append({"id": img.image_id, "width": img.width, "height": img.height})
         crowd_boxes = np.asarray(img.crowd_boxes, dtype=np.float64).reshape(-1, 4)
         if len(img.crowd_categories) != len(crowd_boxes):
-            raise ValueError(f"image {img.image_id}: {len(crowd_boxes)} crowd regions but "
-                             f"{len(img.crowd_categories)} crowd categories")
+            raise ValueError(
+                f"image {img.image_id}: {len(crowd_boxes)} crowd regions but "
+                f"{len(img.crowd_categories)} crowd categories"
+            )
         for boxes, names, crowd in ((img.gt_boxes, img.gt_categories, 0), (crowd_boxes, img.crowd_categories, 1)):
             for box, cat in zip(_xyxy_to_xywh(boxes), names):
                 cat_id = cat_ids.get(normalize_label(cat))
@@ -99,20 +102,28 @@ def compute_box_map(
                     kind = "crowd-region" if crowd else "ground-truth"
                     raise ValueError(f"image {img.image_id}: {kind} category {cat!r} is not in categories")
                 gt["annotations"].append(
-                    {"id": ann_id, "image_id": img.image_id, "category_id": cat_id, "bbox": box.tolist(),
-                     "area": float(box[2] * box[3]), "iscrowd": crowd}
+                    {
+                        "id": ann_id,
+                        "image_id": img.image_id,
+                        "category_id": cat_id,
+                        "bbox": box.tolist(),
+                        "area": float(box[2] * box[3]),
+                        "iscrowd": crowd,
+                    }
                 )
                 ann_id += 1
         evaluated = {normalize_label(c) for c in (*img.gt_categories, *img.crowd_categories, *img.neg_categories)}
-        for box, score, cat in zip(_xyxy_to_xywh(img.pred_boxes), np.asarray(img.pred_scores).reshape(-1),
-                                   img.pred_categories):
+        for box, score, cat in zip(
+            _xyxy_to_xywh(img.pred_boxes), np.asarray(img.pred_scores).reshape(-1), img.pred_categories
+        ):
             key = normalize_label(cat)
             if key not in cat_ids:
                 continue  # a hallucinated category name cannot be matched: it scores nothing
             if protocol == "lvis" and key not in evaluated:
                 continue
-            dets.append({"image_id": img.image_id, "category_id": cat_ids[key], "bbox": box.tolist(),
-                         "score": float(score)})
+            dets.append(
+                {"image_id": img.image_id, "category_id": cat_ids[key], "bbox": box.tolist(), "score": float(score)}
+            )
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
@@ -150,7 +161,10 @@ def _empty_result(categories, coco_gt, protocol, max_dets):
     # crowd regions are ignored ground truth: a category with only those has no AP (NaN)
     present = {coco_gt.cats[a["category_id"]]["name"] for a in coco_gt.dataset["annotations"] if not a["iscrowd"]}
     return {
-        "mAP": 0.0, "AP50": 0.0, "AP75": 0.0, f"AR@{max_dets}": 0.0,
+        "mAP": 0.0,
+        "AP50": 0.0,
+        "AP75": 0.0,
+        f"AR@{max_dets}": 0.0,
         "per_category": {c: (0.0 if c in present else float("nan")) for c in categories},
         "protocol": protocol,
     }

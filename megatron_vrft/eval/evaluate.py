@@ -19,7 +19,8 @@ detection on one is ignored. Boxes are evaluated in original pixels when ``image
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,10 +33,10 @@ from megatron_vrft.rewards import (
     as_ground_truths,
     compute_rewards,
     convert_boxes,
-    space_extent,
     extract_answer,
     parse_boxes,
     parse_single_box,
+    space_extent,
 )
 from megatron_vrft.rewards.classification import normalize_label  # what the detection rewards match with
 
@@ -103,21 +104,26 @@ def evaluate_detection(
         # of the spaces, the area ranges are not), else in the ground truth's own space.
         if gt.image_size is not None and (gt.coord_space != "pixels_resized" or gt.resized_size is not None):
             kw = dict(image_size=gt.image_size, resized_size=gt.resized_size)
-            gt_boxes, pred_boxes, crowd_boxes = (convert_boxes(b, gt.coord_space, "pixels_original", **kw)
-                                                 for b in (gt_boxes, pred_boxes, crowd_boxes))
+            gt_boxes, pred_boxes, crowd_boxes = (
+                convert_boxes(b, gt.coord_space, "pixels_original", **kw) for b in (gt_boxes, pred_boxes, crowd_boxes)
+            )
             w, h = gt.image_size
         else:
             w, h = _extent(gt)
-        images.append(ImageDetections(
-            image_id=i + 1, width=int(round(w)), height=int(round(h)),
-            gt_boxes=gt_boxes,
-            gt_categories=gt_categories,
-            pred_boxes=pred_boxes,
-            pred_scores=np.array([1.0 if p.confidence is None else p.confidence for p in preds]),
-            pred_categories=[p.label if p.label and normalize_label(p.label) else default_label for p in preds],
-            crowd_boxes=crowd_boxes,
-            crowd_categories=crowd_categories,
-        ))
+        images.append(
+            ImageDetections(
+                image_id=i + 1,
+                width=int(round(w)),
+                height=int(round(h)),
+                gt_boxes=gt_boxes,
+                gt_categories=gt_categories,
+                pred_boxes=pred_boxes,
+                pred_scores=np.array([1.0 if p.confidence is None else p.confidence for p in preds]),
+                pred_categories=[p.label if p.label and normalize_label(p.label) else default_label for p in preds],
+                crowd_boxes=crowd_boxes,
+                crowd_categories=crowd_categories,
+            )
+        )
     result = compute_box_map(images, sorted(names_by_key.values()), protocol=protocol)
     if lvis is not None:  # an LVIS annotation file: the official LVIS API (federated, AP by frequency)
         result["lvis"] = compute_lvis_map(images, lvis)
@@ -133,7 +139,7 @@ def evaluate_grounding(
     gts = as_ground_truths(ground_truths, len(completions))
     failures: Counter = Counter()
     preds, valid = [], []
-    for text, gt in zip(completions, gts):
+    for text in completions:
         answer, reason = extract_answer(text)
         box = None
         if reason is None:
@@ -147,7 +153,8 @@ def evaluate_grounding(
             raise ValueError(f"{gt.where(i)}.box: grounding evaluation needs one box (4,)")
     gt_boxes = torch.from_numpy(np.stack([gt.box for gt in gts]))
     result: dict[str, Any] = compute_grounding_metrics(
-        torch.tensor(preds, dtype=torch.float64), gt_boxes, torch.tensor(valid))
+        torch.tensor(preds, dtype=torch.float64), gt_boxes, torch.tensor(valid)
+    )
     result["parse_failures"] = dict(failures)
     return result
 

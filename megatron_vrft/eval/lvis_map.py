@@ -25,9 +25,9 @@ import logging
 import sys
 import tempfile
 import types
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -78,7 +78,9 @@ def import_lvis_api():
             if exc.name == "lvis":
                 raise ModuleNotFoundError(
                     "LVIS metrics need the official LVIS API: pip install --no-deps lvis==0.5.3 "
-                    "(tools/install.sh does this)", name="lvis") from exc
+                    "(tools/install.sh does this)",
+                    name="lvis",
+                ) from exc
             if exc.name != "cv2":
                 raise
         spec = importlib.util.find_spec("lvis")
@@ -124,9 +126,7 @@ def run_lvis_eval(gt: dict, detections: list[dict], *, max_dets: int = 300) -> d
     return {k: (float("nan") if v == -1 else float(v)) for k, v in evaluator.get_results().items()}
 
 
-def compute_lvis_map(
-    images: Sequence[ImageDetections], labels: LvisLabels, *, max_dets: int = 300
-) -> dict[str, float]:
+def compute_lvis_map(images: Sequence[ImageDetections], labels: LvisLabels, *, max_dets: int = 300) -> dict[str, float]:
     """LVIS metrics of ``images`` (boxes ``(x1, y1, x2, y2)``): ``AP``, ``AP50``, ``AP75``,
     ``APs/m/l``, ``APr``, ``APc``, ``APf``, ``AR@max_dets`` from ``LVISEval``.
 
@@ -146,8 +146,10 @@ def compute_lvis_map(
             raise ValueError(f"category {name!r} repeats another after label normalisation ({key!r})")
         cat_ids[key] = len(cat_ids) + 1
         categories.append({"id": cat_ids[key], "name": name, "frequency": freq})
-    for what, lists in (("neg_categories", labels.neg_categories),
-                        ("not_exhaustive_categories", labels.not_exhaustive_categories)):
+    for what, lists in (
+        ("neg_categories", labels.neg_categories),
+        ("not_exhaustive_categories", labels.not_exhaustive_categories),
+    ):
         if lists and len(lists) != len(images):
             raise ValueError(f"labels.{what}: {len(lists)} entries for {len(images)} images")
 
@@ -164,17 +166,37 @@ def compute_lvis_map(
     for i, img in enumerate(images):
         neg = labels.neg_categories[i] if labels.neg_categories else img.neg_categories
         not_exhaustive = labels.not_exhaustive_categories[i] if labels.not_exhaustive_categories else []
-        gt["images"].append({"id": img.image_id, "width": img.width, "height": img.height,
-                             "neg_category_ids": ids_of(neg, f"image {img.image_id}"),
-                             "not_exhaustive_category_ids": ids_of(not_exhaustive, f"image {img.image_id}")})
+        gt["images"].append(
+            {
+                "id": img.image_id,
+                "width": img.width,
+                "height": img.height,
+                "neg_category_ids": ids_of(neg, f"image {img.image_id}"),
+                "not_exhaustive_category_ids": ids_of(not_exhaustive, f"image {img.image_id}"),
+            }
+        )
         for box, cat in zip(_xyxy_to_xywh(img.gt_boxes), img.gt_categories):
             (cat_id,) = ids_of([cat], f"image {img.image_id} ground truth")
-            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": img.image_id,
-                                      "category_id": cat_id, "bbox": box.tolist(), "area": float(box[2] * box[3])})
-        for box, score, cat in zip(_xyxy_to_xywh(img.pred_boxes), np.asarray(img.pred_scores).reshape(-1),
-                                   img.pred_categories):
+            gt["annotations"].append(
+                {
+                    "id": len(gt["annotations"]) + 1,
+                    "image_id": img.image_id,
+                    "category_id": cat_id,
+                    "bbox": box.tolist(),
+                    "area": float(box[2] * box[3]),
+                }
+            )
+        for box, score, cat in zip(
+            _xyxy_to_xywh(img.pred_boxes), np.asarray(img.pred_scores).reshape(-1), img.pred_categories
+        ):
             if normalize_label(cat) in cat_ids:
-                dets.append({"image_id": img.image_id, "category_id": cat_ids[normalize_label(cat)],
-                             "bbox": box.tolist(), "score": float(score)})
+                dets.append(
+                    {
+                        "image_id": img.image_id,
+                        "category_id": cat_ids[normalize_label(cat)],
+                        "bbox": box.tolist(),
+                        "score": float(score),
+                    }
+                )
     results = run_lvis_eval(gt, dets, max_dets=max_dets)
     return {key: results[key] for key in (*LVIS_KEYS, f"AR@{max_dets}")}

@@ -41,7 +41,7 @@ def read_predictions(path: str | Path) -> dict[str, str]:
                 row = json.loads(line)
                 source_id, completion = str(row["source_id"]), row["completion"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{line_no}: expected {{\"source_id\", \"completion\"}}: {exc}") from exc
+                raise ValueError(f'{path}:{line_no}: expected {{"source_id", "completion"}}: {exc}') from exc
             if source_id in predictions:
                 raise ValueError(f"{path}:{line_no}: duplicate prediction for {source_id!r}")
             predictions[source_id] = completion if isinstance(completion, str) else ""

@@ -73,8 +73,11 @@ def draw_prediction_grid(
         answer, _ = extract_answer(text)
         shown = (answer if answer is not None else text).replace("\n", " ")
         truth = gt.label or ""
-        ax.set_title(f"pred: {shown[:40]}\n" + (f"truth: {truth}" if truth else ""), fontsize=8,
-                     color="black" if answer is not None else "firebrick")
+        ax.set_title(
+            f"pred: {shown[:40]}\n" + (f"truth: {truth}" if truth else ""),
+            fontsize=8,
+            color="black" if answer is not None else "firebrick",
+        )
     if task != "classification":
         fig.suptitle("ground truth: green    prediction: red", fontsize=9)
     fig.tight_layout()

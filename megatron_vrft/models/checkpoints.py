@@ -78,8 +78,11 @@ def open_checkpoint(path: str | Path) -> OpenedCheckpoint:
         reader = HfCheckpointReader(path)
         has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
         return OpenedCheckpoint(
-            path=path, kind="hf", arch=as_arch(json.loads((path / HF_CONFIG_FILE).read_text())),
-            tokenizer_dir=path if has_tokenizer else None, weights=((n, reader.get(n)) for n in reader.names()),
-        )  # fmt: skip
+            path=path,
+            kind="hf",
+            arch=as_arch(json.loads((path / HF_CONFIG_FILE).read_text())),
+            tokenizer_dir=path if has_tokenizer else None,
+            weights=((n, reader.get(n)) for n in reader.names()),
+        )
     reader = MegatronCheckpointReader(path)  # any TP/PP layout; one layer in memory at a time
     return OpenedCheckpoint(path=path, kind="megatron", arch=reader.arch, tokenizer_dir=None, weights=reader.iter_hf())

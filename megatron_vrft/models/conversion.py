@@ -42,13 +42,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from megatron_vrft.distributed.cpu_compat import apply_cpu_compat_patches
 from megatron_vrft.models.conversion_hf import (  # noqa: F401  (re-exported: the conversion API)
     HfCheckpointReader,
     check_hf_names,
     write_hf_checkpoint,
 )
-from megatron_vrft.distributed.cpu_compat import apply_cpu_compat_patches
-from megatron_vrft.storage import atomic_dir
 from megatron_vrft.models.qwen2_vl.arch import Qwen2VLArch
 from megatron_vrft.models.qwen2_vl.state_dict_adapter import (
     LM,
@@ -61,6 +60,7 @@ from megatron_vrft.models.qwen2_vl.state_dict_adapter import (
     hf_to_megatron_shard,
     iter_megatron_shard,
 )
+from megatron_vrft.storage import atomic_dir
 
 CHECKPOINT_META_FILE = "megatron_vrft_checkpoint.json"
 FORMAT_VERSION = 1
@@ -159,9 +159,10 @@ def save_megatron_checkpoint(
     _check_parallel(a, tp_size, vp)
     pipeline_layer_ranges(a.num_layers, pp_size)
     num_layers = a.num_layers
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory(
-        dir=Path(tmp).parent, prefix=".staging-"
-    ) as staging:
+    with (
+        atomic_dir(out_dir, overwrite=overwrite) as tmp,
+        tempfile.TemporaryDirectory(dir=Path(tmp).parent, prefix=".staging-") as staging,
+    ):
         sharded: dict[str, Any] = {}
         for layer in tqdm(range(num_layers), desc="HF -> Megatron", unit="layer", disable=not progress):
             # The one-layer "pipeline stage" `layer` of a num_layers-stage split is exactly this
@@ -292,14 +293,26 @@ class MegatronCheckpointReader:
             yield name, self.hf_tensor(name)
 
     def load_shard(
-        self, *, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int, layer_spec: str = "local",
+        self,
+        *,
+        tp_rank: int,
+        tp_size: int,
+        pp_rank: int,
+        pp_size: int,
+        layer_spec: str = "local",
         vocab_padded_size: int | None = None,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
+    ) -> dict[str, torch.Tensor]:
         """The ``(tp_rank, pp_rank)`` shard at any TP/PP (resharding), as ``hf_to_megatron_shard`` names it."""
         return hf_to_megatron_shard(
-            self.hf_tensor, self.arch, tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size,
-            layer_spec=layer_spec, vocab_padded_size=vocab_padded_size or self.vocab_padded_size,
-        )  # fmt: skip
+            self.hf_tensor,
+            self.arch,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            pp_rank=pp_rank,
+            pp_size=pp_size,
+            layer_spec=layer_spec,
+            vocab_padded_size=vocab_padded_size or self.vocab_padded_size,
+        )
 
 
 class _RegionLoadPlan:
@@ -349,9 +362,15 @@ def convert_hf_to_megatron(
     arch = as_arch(reader.config())
     check_hf_names(reader.names(), arch)
     return save_megatron_checkpoint(
-        reader.get, arch, out_dir, tp_size=tp_size, pp_size=pp_size,
-        vocab_padded_size=vocab_padded_size, overwrite=overwrite, progress=progress,
-    )  # fmt: skip
+        reader.get,
+        arch,
+        out_dir,
+        tp_size=tp_size,
+        pp_size=pp_size,
+        vocab_padded_size=vocab_padded_size,
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
 def convert_megatron_to_hf(
@@ -365,9 +384,12 @@ def convert_megatron_to_hf(
     """Megatron distributed checkpoint (any TP/PP) -> HF safetensors directory with hub names."""
     reader = MegatronCheckpointReader(ckpt_dir)
     return write_hf_checkpoint(
-        reader.iter_hf(progress=progress), out_dir, config=reader.meta["hf_config"],
-        max_shard_bytes=max_shard_bytes, overwrite=overwrite,
-    )  # fmt: skip
+        reader.iter_hf(progress=progress),
+        out_dir,
+        config=reader.meta["hf_config"],
+        max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite,
+    )
 
 
 def reshard_megatron_checkpoint(
@@ -383,9 +405,15 @@ def reshard_megatron_checkpoint(
     """Rewrite a checkpoint with another on-disk TP chunking and/or vocabulary padding."""
     reader = MegatronCheckpointReader(src_dir)
     return save_megatron_checkpoint(
-        reader.hf_tensor, reader.arch, out_dir, tp_size=tp_size, pp_size=pp_size,
-        vocab_padded_size=vocab_padded_size or reader.vocab_padded_size, overwrite=overwrite, progress=progress,
-    )  # fmt: skip
+        reader.hf_tensor,
+        reader.arch,
+        out_dir,
+        tp_size=tp_size,
+        pp_size=pp_size,
+        vocab_padded_size=vocab_padded_size or reader.vocab_padded_size,
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,9 +451,10 @@ def build_policy_sharded_state_dict(policy: Any, *, tp_rank: int, dp_rank: int, 
     from megatron.core.dist_checkpointing import ShardedTensor
 
     lm = policy.language_model.sharded_state_dict(prefix=prefix + LM)
-    sharded = {k[len(prefix):]: v for k, v in lm.items()}
+    sharded = {k[len(prefix) :]: v for k, v in lm.items()}
     if getattr(policy, "vision", None) is not None:
         for name, tensor in policy.vision.state_dict(keep_vars=True).items():
             sharded[VISION + name] = ShardedTensor.from_rank_offsets(
-                prefix + VISION + name, tensor, replica_id=(0, tp_rank, dp_rank))
+                prefix + VISION + name, tensor, replica_id=(0, tp_rank, dp_rank)
+            )
     return sharded

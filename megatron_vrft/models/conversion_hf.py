@@ -21,6 +21,7 @@ from megatron_vrft.models.qwen2_vl.arch import Qwen2VLArch
 from megatron_vrft.models.qwen2_vl.state_dict_adapter import as_arch, hf_hub_name, hf_param_names
 from megatron_vrft.storage import atomic_dir
 
+
 class HfCheckpointReader:
     """Lazy reader of an HF safetensors checkpoint (one file or a sharded index), by hub name."""
 
@@ -71,9 +72,11 @@ def check_hf_names(names: Iterable[str], arch: Qwen2VLArch | Any) -> None:
     # A tied checkpoint may carry a redundant lm_head copy; it is ignored.
     unexpected = sorted(have - expected - ({"lm_head.weight"} if a.tie_word_embeddings else set()))
     if missing or unexpected:
-        raise ValueError(f"HF checkpoint does not match the {a.family} config: missing {missing[:20]}"
-                         f"{' ...' if len(missing) > 20 else ''}; unexpected {unexpected[:20]}"
-                         f"{' ...' if len(unexpected) > 20 else ''}")  # fmt: skip
+        raise ValueError(
+            f"HF checkpoint does not match the {a.family} config: missing {missing[:20]}"
+            f"{' ...' if len(missing) > 20 else ''}; unexpected {unexpected[:20]}"
+            f"{' ...' if len(unexpected) > 20 else ''}"
+        )
 
 
 _SAFETENSORS_DTYPES = {
@@ -105,8 +108,11 @@ class _SafetensorsShardWriter:
         raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
         self._data.write(memoryview(raw))
         size = t.numel() * t.element_size()
-        self._header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                              "data_offsets": [self.num_bytes, self.num_bytes + size]}  # fmt: skip
+        self._header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [self.num_bytes, self.num_bytes + size],
+        }
         self.num_bytes += size
 
     def close(self) -> list[str]:
@@ -162,5 +168,3 @@ def write_hf_checkpoint(
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return Path(out_dir)
-
-

@@ -21,7 +21,7 @@ inv_temperature, out) -> out``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -114,8 +114,7 @@ def allgather_combine_stats(stats: torch.Tensor, tp_group: dist.ProcessGroup | N
         return stats
     world = dist.get_world_size(tp_group)
     # Output laid out as the dim-0 concatenation (gloo rejects a (world, N, 3) output shape).
-    gathered = torch.empty((world * stats.shape[0], *stats.shape[1:]), dtype=stats.dtype,
-                           device=stats.device)
+    gathered = torch.empty((world * stats.shape[0], *stats.shape[1:]), dtype=stats.dtype, device=stats.device)
     # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
     all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     all_gather(gathered, stats.contiguous(), group=tp_group)
@@ -163,10 +162,10 @@ def cuda_backend() -> Backend:
     def stats(logits, targets, vocab_start, inv_temperature, with_entropy):
         return ops.token_logprob_stats(logits, targets, vocab_start, inv_temperature, with_entropy)
 
-    def backward(logits, targets, lse, entropy, grad_logprob, grad_entropy, vocab_start,
-                 inv_temperature, out):
-        ops.token_logprob_backward(logits, targets, lse, entropy, grad_logprob, grad_entropy,
-                                   vocab_start, inv_temperature, out)
+    def backward(logits, targets, lse, entropy, grad_logprob, grad_entropy, vocab_start, inv_temperature, out):
+        ops.token_logprob_backward(
+            logits, targets, lse, entropy, grad_logprob, grad_entropy, vocab_start, inv_temperature, out
+        )
         return out
 
     return stats, backward

@@ -21,7 +21,7 @@ Formulas (``A``, ``B`` boxes; ``C`` their smallest enclosing box)::
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -73,9 +73,7 @@ def _register_builtin_impls() -> None:
         from megatron_vrft.ops import cuda_ext
 
         if cuda_ext.is_available():
-            register_box_iou_impl(
-                "cuda", cuda_ext.box_iou_pairwise, cuda_ext.box_iou_elementwise, cuda_ext.supports
-            )
+            register_box_iou_impl("cuda", cuda_ext.box_iou_pairwise, cuda_ext.box_iou_elementwise, cuda_ext.supports)
 
 
 def _pick(impl: str, t: torch.Tensor, needs_grad: bool = False) -> tuple[Callable, Callable] | None:

@@ -18,9 +18,7 @@ def _area(boxes: torch.Tensor) -> torch.Tensor:
     return wh[..., 0] * wh[..., 1]
 
 
-def _iou_giou_from_corners(
-    a: torch.Tensor, b: torch.Tensor, mode: BoxIouMode
-) -> torch.Tensor:
+def _iou_giou_from_corners(a: torch.Tensor, b: torch.Tensor, mode: BoxIouMode) -> torch.Tensor:
     """``a`` and ``b`` broadcast against each other, last dim 4."""
     area_a = _area(a)
     area_b = _area(b)
@@ -84,9 +82,7 @@ def box_iou_pairwise_reference(
     return out
 
 
-def box_iou_elementwise_reference(
-    boxes1: torch.Tensor, boxes2: torch.Tensor, mode: BoxIouMode = "iou"
-) -> torch.Tensor:
+def box_iou_elementwise_reference(boxes1: torch.Tensor, boxes2: torch.Tensor, mode: BoxIouMode = "iou") -> torch.Tensor:
     """Torch reference. ``boxes1 (..., 4)``, ``boxes2 (..., 4)`` (broadcastable) -> ``(...)``."""
     dtype = torch.promote_types(torch.promote_types(boxes1.dtype, boxes2.dtype), torch.float32)
     return _iou_giou_from_corners(boxes1.to(dtype), boxes2.to(dtype), mode)

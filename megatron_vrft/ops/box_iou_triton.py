@@ -174,16 +174,24 @@ def box_iou_pairwise_triton(
     block_n, block_m = (64, 64) if _interpreting() else (16, 128)
     grid = (num_batch * triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _box_iou_pairwise_kernel[grid](
-        a, b, a if v1 is None else v1, b if v2 is None else v2, out, n, m,
-        GIOU=_MODE_CODES[mode], HAS_VALID1=v1 is not None, HAS_VALID2=v2 is not None,
-        BLOCK_N=block_n, BLOCK_M=block_m, num_warps=4,
+        a,
+        b,
+        a if v1 is None else v1,
+        b if v2 is None else v2,
+        out,
+        n,
+        m,
+        GIOU=_MODE_CODES[mode],
+        HAS_VALID1=v1 is not None,
+        HAS_VALID2=v2 is not None,
+        BLOCK_N=block_n,
+        BLOCK_M=block_m,
+        num_warps=4,
     )
     return out
 
 
-def box_iou_elementwise_triton(
-    boxes1: torch.Tensor, boxes2: torch.Tensor, mode: str = "iou"
-) -> torch.Tensor:
+def box_iou_elementwise_triton(boxes1: torch.Tensor, boxes2: torch.Tensor, mode: str = "iou") -> torch.Tensor:
     """``boxes1 (..., 4)``, ``boxes2 (..., 4)`` (broadcastable) -> ``(...)`` fp32."""
 
     _check_boxes(boxes1, boxes2, 1)
@@ -198,7 +206,13 @@ def box_iou_elementwise_triton(
     num_pairs = out.numel()
     block = 1024
     _box_iou_elementwise_kernel[(triton.cdiv(num_pairs, block),)](
-        a, b, out, num_pairs, GIOU=_MODE_CODES[mode], BLOCK=block, num_warps=4,
+        a,
+        b,
+        out,
+        num_pairs,
+        GIOU=_MODE_CODES[mode],
+        BLOCK=block,
+        num_warps=4,
     )
     return out
 
@@ -213,20 +227,31 @@ def compile_specs() -> list[tuple[object, dict[str, str], dict[str, object]]]:
     pairwise += [("bf16", 1, True), ("fp16", 0, False)]
     for dtype, giou, has_valid in pairwise:
         constexprs = {
-            "GIOU": giou, "HAS_VALID1": has_valid, "HAS_VALID2": has_valid,
-            "BLOCK_N": 16, "BLOCK_M": 128,
+            "GIOU": giou,
+            "HAS_VALID1": has_valid,
+            "HAS_VALID2": has_valid,
+            "BLOCK_N": 16,
+            "BLOCK_M": 128,
         }
         signature = {
-            "boxes1_ptr": f"*{dtype}", "boxes2_ptr": f"*{dtype}",
-            "valid1_ptr": "*i8", "valid2_ptr": "*i8", "out_ptr": "*fp32",
-            "N": "i32", "M": "i32", **{k: "constexpr" for k in constexprs},
+            "boxes1_ptr": f"*{dtype}",
+            "boxes2_ptr": f"*{dtype}",
+            "valid1_ptr": "*i8",
+            "valid2_ptr": "*i8",
+            "out_ptr": "*fp32",
+            "N": "i32",
+            "M": "i32",
+            **{k: "constexpr" for k in constexprs},
         }
         specs.append((_box_iou_pairwise_kernel, signature, constexprs))
     for dtype, giou in (("fp32", 0), ("fp32", 1), ("bf16", 1)):
         constexprs = {"GIOU": giou, "BLOCK": 1024}
         signature = {
-            "boxes1_ptr": f"*{dtype}", "boxes2_ptr": f"*{dtype}", "out_ptr": "*fp32",
-            "P": "i32", **{k: "constexpr" for k in constexprs},
+            "boxes1_ptr": f"*{dtype}",
+            "boxes2_ptr": f"*{dtype}",
+            "out_ptr": "*fp32",
+            "P": "i32",
+            **{k: "constexpr" for k in constexprs},
         }
         specs.append((_box_iou_elementwise_kernel, signature, constexprs))
     return specs

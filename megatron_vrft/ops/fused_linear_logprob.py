@@ -71,8 +71,20 @@ def _ranges(total: int, step: int) -> list[tuple[int, int]]:
 
 class _FusedLinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temperature, tp_group, vocab_start,
-                with_entropy, chunk_tokens, chunk_vocab, reduce_grad_hidden, backend):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        targets,
+        inv_temperature,
+        tp_group,
+        vocab_start,
+        with_entropy,
+        chunk_tokens,
+        chunk_vocab,
+        reduce_grad_hidden,
+        backend,
+    ):
         stats_fn, backward_fn = backend
         num_tokens, num_vocab = hidden.shape[0], weight.shape[0]
         stats = torch.empty((num_tokens, S.NUM_STATS), dtype=torch.float32, device=hidden.device)
@@ -90,8 +102,16 @@ class _FusedLinearTokenLogprobs(torch.autograd.Function):
         logprobs = stats[:, 1] - lse
         entropy = stats[:, 2].contiguous() if with_entropy else torch.zeros_like(lse)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.args = (inv_temperature, tp_group, vocab_start, with_entropy, chunk_tokens,
-                    chunk_vocab, reduce_grad_hidden, backward_fn)
+        ctx.args = (
+            inv_temperature,
+            tp_group,
+            vocab_start,
+            with_entropy,
+            chunk_tokens,
+            chunk_vocab,
+            reduce_grad_hidden,
+            backward_fn,
+        )
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
@@ -99,8 +119,16 @@ class _FusedLinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
-        (inv_temperature, tp_group, vocab_start, with_entropy, chunk_tokens, chunk_vocab,
-         reduce_grad_hidden, backward_fn) = ctx.args
+        (
+            inv_temperature,
+            tp_group,
+            vocab_start,
+            with_entropy,
+            chunk_tokens,
+            chunk_vocab,
+            reduce_grad_hidden,
+            backward_fn,
+        ) = ctx.args
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_logprobs is None:
             grad_logprobs = torch.zeros_like(lse)
@@ -108,20 +136,27 @@ class _FusedLinearTokenLogprobs(torch.autograd.Function):
         use_entropy = with_entropy and grad_entropy is not None
         grad_entropy = grad_entropy.float().contiguous() if use_entropy else None
         num_tokens, num_vocab = hidden.shape[0], weight.shape[0]
-        grad_hidden_acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) \
-            if need_hidden else None
+        grad_hidden_acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
         grad_weight = torch.empty_like(weight) if need_weight else None
         for v0, v1 in _ranges(num_vocab, chunk_vocab):
             weight_c = weight[v0:v1]
-            grad_weight_acc = torch.zeros(weight_c.shape, dtype=torch.float32,
-                                          device=weight.device) if need_weight else None
+            grad_weight_acc = (
+                torch.zeros(weight_c.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+            )
             for n0, n1 in _ranges(num_tokens, chunk_tokens):
                 hidden_c = hidden[n0:n1]
                 logits = hidden_c @ weight_c.T
-                backward_fn(logits, targets[n0:n1], lse[n0:n1],
-                            entropy[n0:n1] if use_entropy else None, grad_logprobs[n0:n1],
-                            grad_entropy[n0:n1] if use_entropy else None, vocab_start + v0,
-                            inv_temperature, logits)  # in place: logits -> grad_logits
+                backward_fn(
+                    logits,
+                    targets[n0:n1],
+                    lse[n0:n1],
+                    entropy[n0:n1] if use_entropy else None,
+                    grad_logprobs[n0:n1],
+                    grad_entropy[n0:n1] if use_entropy else None,
+                    vocab_start + v0,
+                    inv_temperature,
+                    logits,
+                )  # in place: logits -> grad_logits
                 if need_hidden:
                     _addmm_fp32(grad_hidden_acc[n0:n1], logits, weight_c)
                 if need_weight:
@@ -160,13 +195,11 @@ def fused_linear_token_logprobs(
     """
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"hidden (..., H) and weight (V_shard, H) disagree: {tuple(hidden.shape)} vs "
-            f"{tuple(weight.shape)}"
+            f"hidden (..., H) and weight (V_shard, H) disagree: {tuple(hidden.shape)} vs {tuple(weight.shape)}"
         )
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
-            f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] "
-            f"{tuple(hidden.shape[:-1])}"
+            f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] {tuple(hidden.shape[:-1])}"
         )
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) dtypes differ")
@@ -180,8 +213,16 @@ def fused_linear_token_logprobs(
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     targets1d = targets.reshape(-1).to(device=hidden.device, dtype=torch.int64).contiguous()
     logprobs, entropy = _FusedLinearTokenLogprobs.apply(
-        hidden2d, weight, targets1d, 1.0 / float(temperature), tp_group, int(vocab_start_index),
-        bool(return_entropy), int(chunk_tokens), int(chunk_vocab), bool(reduce_grad_hidden),
+        hidden2d,
+        weight,
+        targets1d,
+        1.0 / float(temperature),
+        tp_group,
+        int(vocab_start_index),
+        bool(return_entropy),
+        int(chunk_tokens),
+        int(chunk_vocab),
+        bool(reduce_grad_hidden),
         backend,
     )
     logprobs = logprobs.reshape(targets.shape)

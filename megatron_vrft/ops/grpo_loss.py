@@ -51,8 +51,16 @@ POLICY_LOSS_CODES = {"ppo_clip": 0, "dual_clip": 1, "visual_rft_unclipped": 2}
 KL_CODES = {"k1": 1, "k2": 2, "k3": 3}  # 0: no reference log-probs given
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 METRIC_NAMES = (
-    "clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac", "approx_kl",
-    "ratio_mean", "ratio_min", "ratio_max", "pg_loss", "kl_loss",
+    "clip_frac_low",
+    "clip_frac_high",
+    "clip_frac",
+    "dual_clip_frac",
+    "approx_kl",
+    "ratio_mean",
+    "ratio_min",
+    "ratio_max",
+    "pg_loss",
+    "kl_loss",
 )
 _REDUCE_BLOCK_B = 64  # rows per iteration of the single-program reduction
 _NUM_STATS = 10  # m, m*pg, m*kl, low, high, dual, m*approx_kl, m*ratio, ratio_min, ratio_max
@@ -79,18 +87,48 @@ class GrpoLossOutput(NamedTuple):
 @triton.jit
 def _k3(d):
     """``exp(-d) + d - 1``; a Taylor series near 0 avoids fp32 cancellation (rel. err < 1e-7)."""
-    series = d * d * (
-        0.5 + d * (-0.16666666666666666 + d * (0.041666666666666664 + d * (
-            -0.008333333333333333 + d * (0.001388888888888889 + d * (
-                -0.0001984126984126984 + d * 2.48015873015873e-05))))))
+    series = (
+        d
+        * d
+        * (
+            0.5
+            + d
+            * (
+                -0.16666666666666666
+                + d
+                * (
+                    0.041666666666666664
+                    + d
+                    * (
+                        -0.008333333333333333
+                        + d * (0.001388888888888889 + d * (-0.0001984126984126984 + d * 2.48015873015873e-05))
+                    )
+                )
+            )
+        )
+    )
     return tl.where(tl.abs(d) < 0.5, series, tl.exp(-d) + d - 1.0)
 
 
 @triton.jit
 def _one_minus_exp_neg(d):
     """``1 - exp(-d)`` (the derivative of k3), with the same near-0 series treatment."""
-    series = d * (1.0 + d * (-0.5 + d * (0.16666666666666666 + d * (-0.041666666666666664 + d * (
-        0.008333333333333333 + d * (-0.001388888888888889 + d * 0.0001984126984126984))))))
+    series = d * (
+        1.0
+        + d
+        * (
+            -0.5
+            + d
+            * (
+                0.16666666666666666
+                + d
+                * (
+                    -0.041666666666666664
+                    + d * (0.008333333333333333 + d * (-0.001388888888888889 + d * 0.0001984126984126984))
+                )
+            )
+        )
+    )
     return tl.where(tl.abs(d) < 0.5, series, 1.0 - tl.exp(-d))
 
 
@@ -333,10 +371,28 @@ def _forward_triton(lp, old, ref, adv, mask, policy, kl, scalars, store_loss):
     ref_t = lp if ref is None else ref  # never read when KL == 0
     adv_stride_t = 0 if adv.dim() == 1 else adv.stride(1)
     _grpo_loss_fwd_kernel[(num_rows, num_blocks)](
-        lp, old_t, ref_t, adv, mask, per_token, dloss, stats,
-        num_tokens, lp.stride(0), old_t.stride(0), ref_t.stride(0), adv.stride(0), adv_stride_t,
-        mask.stride(0), num_blocks, *scalars,
-        POLICY=policy, KL=kl, STORE_LOSS=store_loss, BLOCK_T=block_t, num_warps=_num_warps(block_t),
+        lp,
+        old_t,
+        ref_t,
+        adv,
+        mask,
+        per_token,
+        dloss,
+        stats,
+        num_tokens,
+        lp.stride(0),
+        old_t.stride(0),
+        ref_t.stride(0),
+        adv.stride(0),
+        adv_stride_t,
+        mask.stride(0),
+        num_blocks,
+        *scalars,
+        POLICY=policy,
+        KL=kl,
+        STORE_LOSS=store_loss,
+        BLOCK_T=block_t,
+        num_warps=_num_warps(block_t),
     )
     return per_token, dloss, stats
 
@@ -354,9 +410,21 @@ def _reduce_triton(stats, mode, max_response_length, normalizer, num_tokens, kl_
     if normalizer is not None:
         norm = torch.as_tensor(normalizer, dtype=torch.float32, device=stats.device).reshape(())
     _grpo_loss_reduce_kernel[(1,)](
-        stats, norm, metrics, loss, scale, num_rows, num_blocks, 1.0 / max(length, 1), kl_coef,
-        MODE=LOSS_AGG_MODES.index(mode), HAS_KL=has_kl, HAS_NORM=normalizer is not None,
-        BLOCK_B=_REDUCE_BLOCK_B, BLOCK_NB=max(triton.next_power_of_2(num_blocks), 2), num_warps=4,
+        stats,
+        norm,
+        metrics,
+        loss,
+        scale,
+        num_rows,
+        num_blocks,
+        1.0 / max(length, 1),
+        kl_coef,
+        MODE=LOSS_AGG_MODES.index(mode),
+        HAS_KL=has_kl,
+        HAS_NORM=normalizer is not None,
+        BLOCK_B=_REDUCE_BLOCK_B,
+        BLOCK_NB=max(triton.next_power_of_2(num_blocks), 2),
+        num_warps=4,
     )
     return loss, scale, metrics
 
@@ -368,8 +436,14 @@ def _backward_triton(dloss, scale, grad_out, dtype):
         return grad
     block_t = _block_t(num_tokens)
     _grpo_loss_bwd_kernel[(num_rows, triton.cdiv(num_tokens, block_t))](
-        dloss, scale, grad_out, grad, num_rows, num_tokens,
-        BLOCK_T=block_t, num_warps=_num_warps(block_t),
+        dloss,
+        scale,
+        grad_out,
+        grad,
+        num_rows,
+        num_tokens,
+        BLOCK_T=block_t,
+        num_warps=_num_warps(block_t),
     )
     return grad
 
@@ -383,8 +457,21 @@ class FusedGrpoLossFunction(torch.autograd.Function):
     """Forward: one fused pass + a row reduction. Backward: ``grad = m dL/dlogp * w_b * grad_out``."""
 
     @staticmethod
-    def forward(ctx, log_probs, old_log_probs, ref_log_probs, advantages, mask, policy, kl,
-                scalars, mode, max_response_length, normalizer, store_loss):
+    def forward(
+        ctx,
+        log_probs,
+        old_log_probs,
+        ref_log_probs,
+        advantages,
+        mask,
+        policy,
+        kl,
+        scalars,
+        mode,
+        max_response_length,
+        normalizer,
+        store_loss,
+    ):
         per_token, dloss, stats = _forward_triton(
             log_probs, old_log_probs, ref_log_probs, advantages, mask, policy, kl, scalars, store_loss
         )
@@ -487,14 +574,22 @@ def fused_grpo_loss(
     )
     kl = 0 if ref_log_probs is None else KL_CODES[kl_estimator]
     loss, per_token, packed = FusedGrpoLossFunction.apply(
-        log_probs, old_log_probs, ref_log_probs, advantages, mask, policy, kl, scalars,
-        loss_agg_mode, max_response_length, normalizer, return_per_token_loss,
+        log_probs,
+        old_log_probs,
+        ref_log_probs,
+        advantages,
+        mask,
+        policy,
+        kl,
+        scalars,
+        loss_agg_mode,
+        max_response_length,
+        normalizer,
+        return_per_token_loss,
     )
     names = METRIC_NAMES if kl else METRIC_NAMES[:-1]
     metrics = {name: packed[i] for i, name in enumerate(names)}
-    return GrpoLossOutput(
-        loss=loss, per_token_loss=per_token if return_per_token_loss else None, metrics=metrics
-    )
+    return GrpoLossOutput(loss=loss, per_token_loss=per_token if return_per_token_loss else None, metrics=metrics)
 
 
 def compile_specs() -> list[tuple[object, dict[str, str], dict[str, object]]]:
@@ -508,12 +603,25 @@ def compile_specs() -> list[tuple[object, dict[str, str], dict[str, object]]]:
 
     def fwd_sig(lp: str, other: str, mask: str) -> dict[str, str]:
         sig = {
-            "logp_ptr": f"*{lp}", "old_ptr": f"*{other}", "ref_ptr": f"*{other}",
-            "adv_ptr": f"*{other}", "mask_ptr": f"*{mask}", "loss_ptr": "*fp32",
-            "dloss_ptr": "*fp32", "stats_ptr": "*fp32",
+            "logp_ptr": f"*{lp}",
+            "old_ptr": f"*{other}",
+            "ref_ptr": f"*{other}",
+            "adv_ptr": f"*{other}",
+            "mask_ptr": f"*{mask}",
+            "loss_ptr": "*fp32",
+            "dloss_ptr": "*fp32",
+            "stats_ptr": "*fp32",
         }
-        for name in ("T", "stride_logp", "stride_old", "stride_ref", "stride_adv_b",
-                     "stride_adv_t", "stride_mask", "num_blocks"):
+        for name in (
+            "T",
+            "stride_logp",
+            "stride_old",
+            "stride_ref",
+            "stride_adv_b",
+            "stride_adv_t",
+            "stride_mask",
+            "num_blocks",
+        ):
             sig[name] = "i32"
         for name in ("clip_low", "clip_high", "clip_ratio_c", "log_ratio_clamp", "kl_coef", "kl_clamp"):
             sig[name] = "fp32"
@@ -525,21 +633,54 @@ def compile_specs() -> list[tuple[object, dict[str, str], dict[str, object]]]:
     combos = [(policy, KL_CODES["k3"]) for policy in POLICY_LOSS_CODES.values()]
     combos += [(POLICY_LOSS_CODES["ppo_clip"], kl) for kl in (0, KL_CODES["k1"], KL_CODES["k2"])]
     for policy, kl in combos:
-        specs.append((_grpo_loss_fwd_kernel, fwd_sig("fp32", "fp32", "u8"),
-                      {"POLICY": policy, "KL": kl, "STORE_LOSS": kl != 3, "BLOCK_T": 1024}))
+        specs.append(
+            (
+                _grpo_loss_fwd_kernel,
+                fwd_sig("fp32", "fp32", "u8"),
+                {"POLICY": policy, "KL": kl, "STORE_LOSS": kl != 3, "BLOCK_T": 1024},
+            )
+        )
     for lp_dtype in ("bf16", "fp16"):
-        specs.append((_grpo_loss_fwd_kernel, fwd_sig(lp_dtype, lp_dtype, "fp32"),
-                      {"POLICY": 1, "KL": 3, "STORE_LOSS": True, "BLOCK_T": 256}))
+        specs.append(
+            (
+                _grpo_loss_fwd_kernel,
+                fwd_sig(lp_dtype, lp_dtype, "fp32"),
+                {"POLICY": 1, "KL": 3, "STORE_LOSS": True, "BLOCK_T": 256},
+            )
+        )
     for mode, has_kl, has_norm in ((0, True, False), (1, True, True), (2, True, False), (3, False, False)):
-        sig = {"stats_ptr": "*fp32", "norm_ptr": "*fp32", "metrics_ptr": "*fp32",
-               "loss_ptr": "*fp32", "scale_ptr": "*fp32", "B": "i32", "num_blocks": "i32", "inv_length": "fp32",
-               "kl_coef": "fp32", "MODE": "constexpr", "HAS_KL": "constexpr",
-               "HAS_NORM": "constexpr", "BLOCK_B": "constexpr", "BLOCK_NB": "constexpr"}
-        specs.append((_grpo_loss_reduce_kernel, sig, {"MODE": mode, "HAS_KL": has_kl,
-                      "HAS_NORM": has_norm, "BLOCK_B": 64, "BLOCK_NB": 16}))
+        sig = {
+            "stats_ptr": "*fp32",
+            "norm_ptr": "*fp32",
+            "metrics_ptr": "*fp32",
+            "loss_ptr": "*fp32",
+            "scale_ptr": "*fp32",
+            "B": "i32",
+            "num_blocks": "i32",
+            "inv_length": "fp32",
+            "kl_coef": "fp32",
+            "MODE": "constexpr",
+            "HAS_KL": "constexpr",
+            "HAS_NORM": "constexpr",
+            "BLOCK_B": "constexpr",
+            "BLOCK_NB": "constexpr",
+        }
+        specs.append(
+            (
+                _grpo_loss_reduce_kernel,
+                sig,
+                {"MODE": mode, "HAS_KL": has_kl, "HAS_NORM": has_norm, "BLOCK_B": 64, "BLOCK_NB": 16},
+            )
+        )
     for grad_dtype in ("fp32", "bf16"):
-        sig = {"dloss_ptr": "*fp32", "scale_ptr": "*fp32", "grad_out_ptr": "*fp32",
-               "grad_ptr": f"*{grad_dtype}", "B": "i32", "T": "i32",
-               "BLOCK_T": "constexpr"}
+        sig = {
+            "dloss_ptr": "*fp32",
+            "scale_ptr": "*fp32",
+            "grad_out_ptr": "*fp32",
+            "grad_ptr": f"*{grad_dtype}",
+            "B": "i32",
+            "T": "i32",
+            "BLOCK_T": "constexpr",
+        }
         specs.append((_grpo_loss_bwd_kernel, sig, {"BLOCK_T": 1024}))
     return specs

@@ -62,9 +62,7 @@ def select_backend(impl: str, logits: torch.Tensor) -> S.Backend | None:
         raise ValueError(f"impl={impl!r} supports fp32/bf16/fp16 logits, got {logits.dtype}")
     if impl == "triton":
         if not _triton_usable(logits):
-            raise RuntimeError(
-                "impl='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
-            )
+            raise RuntimeError("impl='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
         return S.triton_backend()
     if not logits.is_cuda:
         raise RuntimeError("impl='cuda' needs CUDA tensors")
@@ -73,8 +71,7 @@ def select_backend(impl: str, logits: torch.Tensor) -> S.Backend | None:
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, inv_temperature, tp_group, vocab_start, with_entropy,
-                inplace_backward, backend):
+    def forward(ctx, logits, targets, inv_temperature, tp_group, vocab_start, with_entropy, inplace_backward, backend):
         stats_fn, backward_fn = backend
         stats = stats_fn(logits, targets, vocab_start, inv_temperature, with_entropy)
         stats = S.allgather_combine_stats(stats, tp_group)
@@ -119,8 +116,7 @@ def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, temperature: floa
         raise ValueError(f"logits must be (..., V_shard) with V_shard > 0, got {tuple(logits.shape)}")
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
-            f"targets shape {tuple(targets.shape)} must equal logits.shape[:-1] "
-            f"{tuple(logits.shape[:-1])}"
+            f"targets shape {tuple(targets.shape)} must equal logits.shape[:-1] {tuple(logits.shape[:-1])}"
         )
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise ValueError(f"targets must be integer token ids, got {targets.dtype}")

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from megatron_vrft.rewards.parsing import MAX_COMPLETION_CHARS, extract_answer
 from megatron_vrft.rewards.registry import register_reward
@@ -117,9 +118,7 @@ def classification_accuracy_reward(
         if mode == "visual_rft_compat":
             ok = isinstance(text, str) and len(text) <= max_chars and compat_matches(text, gt.label)
         else:
-            ok = reason is None and label_matches(
-                answer, (gt.label, *gt.synonyms), max_extra_words=max_extra_words
-            )
+            ok = reason is None and label_matches(answer, (gt.label, *gt.synonyms), max_extra_words=max_extra_words)
         scores.append(1.0 if ok else 0.0)
         reasons.append(None if reason is None else reason.value)
     return build_reward_output(scores, reasons)

@@ -24,7 +24,8 @@ space before computing IoU, never the other way round.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -107,16 +108,12 @@ def norm1000_to_resized(boxes: torch.Tensor, resized_size: Size) -> torch.Tensor
 
 def original_to_resized(boxes: torch.Tensor, image_size: Size, resized_size: Size) -> torch.Tensor:
     """``pixels_original -> pixels_resized`` (annotation -> what the model saw)."""
-    return convert_boxes(
-        boxes, "pixels_original", "pixels_resized", image_size=image_size, resized_size=resized_size
-    )
+    return convert_boxes(boxes, "pixels_original", "pixels_resized", image_size=image_size, resized_size=resized_size)
 
 
 def resized_to_original(boxes: torch.Tensor, image_size: Size, resized_size: Size) -> torch.Tensor:
     """``pixels_resized -> pixels_original`` (model answer -> annotation space)."""
-    return convert_boxes(
-        boxes, "pixels_resized", "pixels_original", image_size=image_size, resized_size=resized_size
-    )
+    return convert_boxes(boxes, "pixels_resized", "pixels_original", image_size=image_size, resized_size=resized_size)
 
 
 def original_to_norm1000(boxes: torch.Tensor, image_size: Size) -> torch.Tensor:

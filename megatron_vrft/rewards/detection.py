@@ -35,8 +35,9 @@ indexes the first prediction and falls into its catch-all), the rest is as above
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -186,8 +187,11 @@ def compute_detection_scores(
         check_model_space(g, i)
         # Fail on missing image sizes now, not only when some completion happens to parse.
         convert_boxes(
-            np.zeros((0, 4)), pred_space or g.coord_space, g.coord_space,
-            image_size=g.image_size, resized_size=g.resized_size,
+            np.zeros((0, 4)),
+            pred_space or g.coord_space,
+            g.coord_space,
+            image_size=g.image_size,
+            resized_size=g.resized_size,
         )
     # Only ``boxes`` are matched: crowd regions (``crowd_boxes``, evaluation only) never are.
     gt_boxes = [torch.from_numpy(g.boxes) for g in gts]  # (K_b, 4) float64, CPU
@@ -200,7 +204,9 @@ def compute_detection_scores(
     pred_boxes: list[torch.Tensor] = []
     for text, gt in zip(completions, gts):
         preds, reason = _parse_predictions(
-            text, default_confidence=default_confidence, match_categories=match_categories,
+            text,
+            default_confidence=default_confidence,
+            match_categories=match_categories,
             max_chars=max_chars,
         )
         if preds is not None:
@@ -208,8 +214,11 @@ def compute_detection_scores(
             preds = sorted(preds, key=lambda p: -p.confidence)  # stable
             boxes = torch.tensor([p.box for p in preds], dtype=torch.float64).reshape(-1, 4)
             boxes = convert_boxes(
-                boxes, pred_space or gt.coord_space, gt.coord_space,
-                image_size=gt.image_size, resized_size=gt.resized_size,
+                boxes,
+                pred_space or gt.coord_space,
+                gt.coord_space,
+                image_size=gt.image_size,
+                resized_size=gt.resized_size,
             )
         else:
             boxes = torch.zeros(0, 4, dtype=torch.float64)

@@ -11,7 +11,8 @@ published regex). The backtracking regex is quadratic on adversarial input.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from megatron_vrft.rewards.parsing import MAX_COMPLETION_CHARS
 from megatron_vrft.rewards.registry import register_reward

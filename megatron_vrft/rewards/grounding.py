@@ -19,8 +19,9 @@ GIoU a failure scoring 0 would beat every disjoint box (GIoU < 0) and teach the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -73,8 +74,11 @@ def compute_grounding_scores(
             raise ValueError(f"{g.where(i)}.box: grounding rewards need one box (4,)")
         check_model_space(g, i)
         convert_boxes(  # fail on missing image sizes now, whatever the completions are
-            g.box, pred_space or g.coord_space, g.coord_space,
-            image_size=g.image_size, resized_size=g.resized_size,
+            g.box,
+            pred_space or g.coord_space,
+            g.coord_space,
+            image_size=g.image_size,
+            resized_size=g.resized_size,
         )
     b = len(gts)
     pred = torch.zeros(b, 4, dtype=torch.float64)
@@ -90,8 +94,11 @@ def compute_grounding_scores(
         truth[i] = torch.from_numpy(gt.box)
         if box is not None:
             pred[i] = convert_boxes(
-                torch.tensor(box, dtype=torch.float64), pred_space or gt.coord_space, gt.coord_space,
-                image_size=gt.image_size, resized_size=gt.resized_size,
+                torch.tensor(box, dtype=torch.float64),
+                pred_space or gt.coord_space,
+                gt.coord_space,
+                image_size=gt.image_size,
+                resized_size=gt.resized_size,
             )
             ok[i] = True
     iou = torch.zeros(b, dtype=torch.float64)
@@ -100,9 +107,7 @@ def compute_grounding_scores(
         # rounding can step a hair outside the ranges
         iou[ok] = box_iou_elementwise(pred[ok], truth[ok], mode="iou").to(torch.float64).clamp(0.0, 1.0)
         giou[ok] = box_iou_elementwise(pred[ok], truth[ok], mode="giou").to(torch.float64).clamp(-1.0, 1.0)
-    return GroundingScores(
-        iou=iou.float(), giou=giou.float(), giou_shifted=(giou + 1.0).float(), reasons=reasons
-    )
+    return GroundingScores(iou=iou.float(), giou=giou.float(), giou_shifted=(giou + 1.0).float(), reasons=reasons)
 
 
 @register_reward("grounding_iou", min_score=0.0, max_score=1.0, failure_score=0.0)

@@ -60,9 +60,7 @@ _TRAILING_COMMA_RE = re.compile(r",\s*([\]}])")
 _BARE_KEY_RE = re.compile(r"([{,]\s*)([A-Za-z_][A-Za-z0-9_]*(?: [A-Za-z0-9_]+)*)\s*:")
 _PERCENT_RE = re.compile(r"(?<![\"\w.])(\d+(?:\.\d+)?)\s*%")
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
-_POINT_PAIR_RE = re.compile(
-    rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*,?\s*(?:to|-)?\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)"
-)
+_POINT_PAIR_RE = re.compile(rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*,?\s*(?:to|-)?\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)")
 
 
 @dataclass(frozen=True)

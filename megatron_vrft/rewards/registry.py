@@ -12,8 +12,9 @@ the weighted sum per completion, one column per reward and the parse-failure cou
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -66,9 +67,7 @@ def register_reward(
     def decorator(fn: RewardFn) -> RewardFn:
         if name in _REWARDS:
             raise ValueError(f"reward {name!r} is already registered")
-        _REWARDS[name] = RewardSpec(
-            name=name, fn=fn, min_score=min_score, max_score=max_score, failure_score=fail
-        )
+        _REWARDS[name] = RewardSpec(name=name, fn=fn, min_score=min_score, max_score=max_score, failure_score=fail)
         return fn
 
     return decorator

@@ -37,9 +37,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,7 +119,6 @@ def build_reward_output(scores: Sequence[float], reasons: Sequence[str | None]) 
         reasons=list(reasons),
         failures=failures,
     )
-
 
 
 def _as_size(value: Any, where: str, name: str) -> tuple[float, float] | None:
@@ -214,17 +214,23 @@ class GroundTruth:
             self.categories = _as_names(self.categories, where, "categories")
             if self.boxes is None or len(self.categories) != len(self.boxes):
                 num = "no" if self.boxes is None else len(self.boxes)
-                raise ValueError(f"{where}.categories: need one category per row of boxes, got {num} boxes "
-                                 f"but {len(self.categories)} category names")
+                raise ValueError(
+                    f"{where}.categories: need one category per row of boxes, got {num} boxes "
+                    f"but {len(self.categories)} category names"
+                )
         self.crowd_categories = _as_names(self.crowd_categories or (), where, "crowd_categories")
         num_crowd = 0 if self.crowd_boxes is None else len(self.crowd_boxes)
         if len(self.crowd_categories) != num_crowd:
-            raise ValueError(f"{where}.crowd_categories: need one category per crowd box, got {num_crowd} crowd "
-                             f"boxes but {len(self.crowd_categories)} crowd category names")
+            raise ValueError(
+                f"{where}.crowd_categories: need one category per crowd box, got {num_crowd} crowd "
+                f"boxes but {len(self.crowd_categories)} crowd category names"
+            )
         has_boxes = self.boxes is not None or self.box is not None or self.crowd_boxes is not None
         if (has_boxes or self.coord_space is not None) and self.coord_space not in COORD_SPACES:
-            raise ValueError(f"{where}.coord_space: expected one of {COORD_SPACES}"
-                             f"{' (required with boxes)' if has_boxes else ''}, got {self.coord_space!r}")
+            raise ValueError(
+                f"{where}.coord_space: expected one of {COORD_SPACES}"
+                f"{' (required with boxes)' if has_boxes else ''}, got {self.coord_space!r}"
+            )
         self.image_size = _as_size(self.image_size, where, "image_size")
         self.resized_size = _as_size(self.resized_size, where, "resized_size")
 
@@ -253,7 +259,7 @@ class GroundTruth:
         *,
         image_size: Sequence[float] | None = None,
         resized_size: Sequence[float] | None = None,
-    ) -> "GroundTruth":
+    ) -> GroundTruth:
         """This ground truth with every box converted into ``dst`` (float64, no rounding).
 
         ``image_size`` / ``resized_size`` default to this one's and are stored on the result;
@@ -268,9 +274,13 @@ class GroundTruth:
             return dataclasses.replace(self, **sizes)
         convert = lambda b: None if b is None else convert_boxes(b, self.coord_space, dst, **sizes)  # noqa: E731
         return dataclasses.replace(
-            self, coord_space=dst, boxes=convert(self.boxes), box=convert(self.box),
-            crowd_boxes=convert(self.crowd_boxes), **sizes,
-        )  # fmt: skip
+            self,
+            coord_space=dst,
+            boxes=convert(self.boxes),
+            box=convert(self.box),
+            crowd_boxes=convert(self.crowd_boxes),
+            **sizes,
+        )
 
 
 _GT_FIELDS = tuple(f.name for f in fields(GroundTruth) if f.name != "name")
@@ -280,8 +290,10 @@ def check_model_space(gt: GroundTruth, index: int) -> None:
     """Raise ``ValueError`` unless ``gt``'s boxes are in a space a model answers in
     (``MODEL_COORD_SPACES``; not the annotation-only ``"norm_1"``): what box rewards compare in."""
     if gt.coord_space not in MODEL_COORD_SPACES:
-        raise ValueError(f"{gt.where(index)}.coord_space: box rewards need one of {MODEL_COORD_SPACES}, "
-                         f"got {gt.coord_space!r} (map it with GroundTruth.in_space)")
+        raise ValueError(
+            f"{gt.where(index)}.coord_space: box rewards need one of {MODEL_COORD_SPACES}, "
+            f"got {gt.coord_space!r} (map it with GroundTruth.in_space)"
+        )
 
 
 def as_ground_truth(obj: GroundTruth | Mapping[str, Any], index: int = -1) -> GroundTruth:
@@ -301,7 +313,5 @@ def as_ground_truths(
     ground_truths: Sequence[GroundTruth | Mapping[str, Any]], num_completions: int
 ) -> list[GroundTruth]:
     if len(ground_truths) != num_completions:
-        raise ValueError(
-            f"got {num_completions} completions but {len(ground_truths)} ground truths"
-        )
+        raise ValueError(f"got {num_completions} completions but {len(ground_truths)} ground truths")
     return [as_ground_truth(g, i) for i, g in enumerate(ground_truths)]

@@ -26,7 +26,7 @@ produce a spurious signal. Gradients w.r.t. ``rewards`` are finite everywhere (n
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -36,22 +36,16 @@ AdvantageEstimator = Callable[..., torch.Tensor]
 ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
 
 
-def _flatten_groups(
-    rewards: torch.Tensor, group_ids: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _flatten_groups(rewards: torch.Tensor, group_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """-> (rewards (B,), dense group index (B,) in [0, num_groups), num_groups)."""
     if group_ids is None:
         if rewards.dim() != 2:
-            raise ValueError(
-                f"rewards without group_ids must be (num_groups, G), got {tuple(rewards.shape)}"
-            )
+            raise ValueError(f"rewards without group_ids must be (num_groups, G), got {tuple(rewards.shape)}")
         num_groups, size = rewards.shape
         index = torch.arange(num_groups, device=rewards.device).repeat_interleave(size)
         return rewards.reshape(-1), index, num_groups
     if rewards.dim() != 1 or group_ids.shape != rewards.shape:
-        raise ValueError(
-            f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} must both be (B,)"
-        )
+        raise ValueError(f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} must both be (B,)")
     if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
         raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
     _, index = torch.unique(group_ids, return_inverse=True)

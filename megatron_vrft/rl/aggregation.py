@@ -19,7 +19,7 @@ data-parallel ranks sums to the same loss as one big batch. Masked positions con
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -117,9 +117,7 @@ def aggregate_loss(
     normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Aggregate per-token ``values (B, T)`` under ``mask (B, T)`` with the named ``mode``."""
-    return LOSS_AGGREGATORS.get(mode)(
-        values, mask, max_response_length=max_response_length, normalizer=normalizer
-    )
+    return LOSS_AGGREGATORS.get(mode)(values, mask, max_response_length=max_response_length, normalizer=normalizer)
 
 
 def masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

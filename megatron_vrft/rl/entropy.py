@@ -39,6 +39,4 @@ def compute_entropy_loss(
     normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Aggregate per-token entropy ``(B, T)`` (a passthrough to ``aggregate_loss``)."""
-    return aggregate_loss(
-        entropy, mask, mode, max_response_length=max_response_length, normalizer=normalizer
-    )
+    return aggregate_loss(entropy, mask, mode, max_response_length=max_response_length, normalizer=normalizer)

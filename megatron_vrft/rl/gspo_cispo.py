@@ -77,8 +77,12 @@ def compute_gspo_loss(
     ratio = torch.exp(log_s.unsqueeze(-1) + logp - logp.detach())
     loss, ratio_d, low, high = clipped_surrogate(ratio, adv, clip_eps_low, clip_eps_high)
     return TokenPolicyLoss(
-        loss=loss, ratio=ratio_d, log_ratio=log_s.unsqueeze(-1).expand_as(ratio_d),
-        clipped_low=low, clipped_high=high, dual_clipped=torch.zeros_like(low),
+        loss=loss,
+        ratio=ratio_d,
+        log_ratio=log_s.unsqueeze(-1).expand_as(ratio_d),
+        clipped_low=low,
+        clipped_high=high,
+        dual_clipped=torch.zeros_like(low),
     )
 
 
@@ -108,6 +112,10 @@ def compute_cispo_loss(
     weight = ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
     loss = -weight * adv * logp
     return TokenPolicyLoss(
-        loss=loss, ratio=ratio, log_ratio=log_ratio, clipped_low=ratio < 1.0 - clip_eps_low,
-        clipped_high=ratio > 1.0 + clip_eps_high, dual_clipped=torch.zeros_like(ratio, dtype=torch.bool),
+        loss=loss,
+        ratio=ratio,
+        log_ratio=log_ratio,
+        clipped_low=ratio < 1.0 - clip_eps_low,
+        clipped_high=ratio > 1.0 + clip_eps_high,
+        dual_clipped=torch.zeros_like(ratio, dtype=torch.bool),
     )

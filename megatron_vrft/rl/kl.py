@@ -19,7 +19,7 @@ dtype promoted to at least float32.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

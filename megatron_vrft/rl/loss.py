@@ -92,16 +92,28 @@ def compute_policy_loss(
     """Named policy loss, aggregated. ``log_probs``/``old_log_probs``/``response_mask`` ``(B, T)``,
     ``advantages`` ``(B,)`` or ``(B, T)``."""
     return compute_grpo_loss(
-        log_probs, old_log_probs, None, advantages, response_mask,
-        policy_loss=name, loss_agg_mode=loss_agg_mode, clip_eps_low=clip_eps_low,
-        clip_eps_high=clip_eps_high, clip_ratio_c=clip_ratio_c, kl_coef=0.0,
-        log_ratio_clamp=log_ratio_clamp, max_response_length=max_response_length,
+        log_probs,
+        old_log_probs,
+        None,
+        advantages,
+        response_mask,
+        policy_loss=name,
+        loss_agg_mode=loss_agg_mode,
+        clip_eps_low=clip_eps_low,
+        clip_eps_high=clip_eps_high,
+        clip_ratio_c=clip_ratio_c,
+        kl_coef=0.0,
+        log_ratio_clamp=log_ratio_clamp,
+        max_response_length=max_response_length,
         normalizer=normalizer,
     )
 
 
 def fused_supports(
-    log_probs: torch.Tensor, *, policy_loss: str, token_weights: torch.Tensor | None = None,
+    log_probs: torch.Tensor,
+    *,
+    policy_loss: str,
+    token_weights: torch.Tensor | None = None,
     kl_importance_weighted: bool = False,
 ) -> bool:
     """Whether the fused kernel can run this call: Triton usable on these log-probs, and only the
@@ -149,9 +161,11 @@ def compute_grpo_loss(
         raise ValueError(f"impl must be 'torch', 'fused' or 'auto', got {impl!r}")
     if impl != "torch":
         fused_ok = fused_supports(
-            log_probs, policy_loss=policy_loss, token_weights=token_weights,
+            log_probs,
+            policy_loss=policy_loss,
+            token_weights=token_weights,
             kl_importance_weighted=kl_importance_weighted,
-        )  # fmt: skip
+        )
         if impl == "fused" and not fused_ok:
             raise ValueError(
                 f"the fused GRPO loss cannot run this call (policy loss {policy_loss!r}, dtype "
@@ -160,23 +174,38 @@ def compute_grpo_loss(
             )
         if fused_ok:
             out = fused_grpo_loss(
-                log_probs, old_log_probs, ref_log_probs, advantages, response_mask,
-                policy_loss=policy_loss, loss_agg_mode=loss_agg_mode, clip_eps_low=clip_eps_low,
-                clip_eps_high=clip_eps_high, clip_ratio_c=clip_ratio_c, kl_estimator=kl_estimator,
-                kl_coef=kl_coef, kl_clamp=kl_clamp, log_ratio_clamp=log_ratio_clamp,
-                max_response_length=max_response_length, normalizer=normalizer,
-            )  # fmt: skip
+                log_probs,
+                old_log_probs,
+                ref_log_probs,
+                advantages,
+                response_mask,
+                policy_loss=policy_loss,
+                loss_agg_mode=loss_agg_mode,
+                clip_eps_low=clip_eps_low,
+                clip_eps_high=clip_eps_high,
+                clip_ratio_c=clip_ratio_c,
+                kl_estimator=kl_estimator,
+                kl_coef=kl_coef,
+                kl_clamp=kl_clamp,
+                log_ratio_clamp=log_ratio_clamp,
+                max_response_length=max_response_length,
+                normalizer=normalizer,
+            )
             return PolicyLossResult(loss=out.loss, per_token_loss=out.per_token_loss, metrics=dict(out.metrics))
     if log_probs.dim() != 2 or response_mask.shape != log_probs.shape:
         raise ValueError(
-            f"log_probs {tuple(log_probs.shape)} and response_mask {tuple(response_mask.shape)} "
-            "must both be (B, T)"
+            f"log_probs {tuple(log_probs.shape)} and response_mask {tuple(response_mask.shape)} must both be (B, T)"
         )
     if kl_coef != 0.0 and ref_log_probs is None:
         raise ValueError("kl_coef != 0 needs ref_log_probs")
     token = POLICY_LOSSES.get(policy_loss)(
-        log_probs, old_log_probs, advantages, clip_eps_low=clip_eps_low,
-        clip_eps_high=clip_eps_high, clip_ratio_c=clip_ratio_c, log_ratio_clamp=log_ratio_clamp,
+        log_probs,
+        old_log_probs,
+        advantages,
+        clip_eps_low=clip_eps_low,
+        clip_eps_high=clip_eps_high,
+        clip_ratio_c=clip_ratio_c,
+        log_ratio_clamp=log_ratio_clamp,
         response_mask=response_mask,
     )
     agg = dict(max_response_length=max_response_length, normalizer=normalizer)
@@ -189,7 +218,10 @@ def compute_grpo_loss(
     metrics["pg_loss"] = aggregate_loss(per_token, response_mask, loss_agg_mode, **agg).detach()
     if ref_log_probs is not None:
         kl = compute_kl(
-            log_probs, ref_log_probs, kl_estimator, log_ratio_clamp=log_ratio_clamp,
+            log_probs,
+            ref_log_probs,
+            kl_estimator,
+            log_ratio_clamp=log_ratio_clamp,
             kl_clamp=kl_clamp,
         )
         if kl_importance_weighted and old_log_probs is not None:

@@ -22,8 +22,8 @@ The fused Triton kernel (``megatron_vrft.ops.grpo_loss``) implements exactly the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -58,9 +58,7 @@ def expand_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Ten
         return advantages.unsqueeze(-1)
     if advantages.shape == like.shape:
         return advantages
-    raise ValueError(
-        f"advantages {tuple(advantages.shape)} must be (B,) or (B, T) for log-probs {tuple(like.shape)}"
-    )
+    raise ValueError(f"advantages {tuple(advantages.shape)} must be (B,) or (B, T) for log-probs {tuple(like.shape)}")
 
 
 def _compute_dtype(log_probs: torch.Tensor) -> torch.dtype:
@@ -119,7 +117,11 @@ def compute_ppo_clip_loss(
         log_probs, old_log_probs, advantages, clip_eps_low, clip_eps_high, log_ratio_clamp
     )
     return TokenPolicyLoss(
-        loss=loss, ratio=ratio, log_ratio=log_ratio, clipped_low=low, clipped_high=high,
+        loss=loss,
+        ratio=ratio,
+        log_ratio=log_ratio,
+        clipped_low=low,
+        clipped_high=high,
         dual_clipped=torch.zeros_like(low),
     )
 
@@ -146,7 +148,11 @@ def compute_dual_clip_loss(
     dual = (adv < 0) & (bound < loss)
     loss = torch.where(dual, bound, loss)
     return TokenPolicyLoss(
-        loss=loss, ratio=ratio, log_ratio=log_ratio, clipped_low=low, clipped_high=high,
+        loss=loss,
+        ratio=ratio,
+        log_ratio=log_ratio,
+        clipped_low=low,
+        clipped_high=high,
         dual_clipped=dual,
     )
 
@@ -171,8 +177,12 @@ def compute_visual_rft_unclipped_loss(
     loss = -adv * ratio
     flags = torch.zeros(loss.shape, dtype=torch.bool, device=loss.device)
     return TokenPolicyLoss(
-        loss=loss, ratio=ratio.detach(), log_ratio=torch.zeros_like(loss).detach(),
-        clipped_low=flags, clipped_high=flags, dual_clipped=flags,
+        loss=loss,
+        ratio=ratio.detach(),
+        log_ratio=torch.zeros_like(loss).detach(),
+        clipped_low=flags,
+        clipped_high=flags,
+        dual_clipped=flags,
     )
 
 

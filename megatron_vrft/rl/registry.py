@@ -7,7 +7,8 @@ known names, so a typo in a YAML file fails at start-up rather than silently fal
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 F = TypeVar("F", bound=Callable)
 

@@ -22,7 +22,7 @@ valid tokens, 0 when there are none): ``rollout_is_truncated_frac`` or ``rollout
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

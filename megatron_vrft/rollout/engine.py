@@ -46,7 +46,9 @@ class RolloutEngine(Protocol):
 def vllm_unavailable_reason() -> str | None:
     """Why the vLLM engine cannot run here, or None when it can."""
     if importlib.util.find_spec("vllm") is None:
-        return "the vllm package is not installed (GPU hosts: bash tools/install.sh gpu; CPU: bash tools/install.sh vllm)"
+        return (
+            "the vllm package is not installed (GPU hosts: bash tools/install.sh gpu; CPU: bash tools/install.sh vllm)"
+        )
     return None
 
 
@@ -66,8 +68,16 @@ def resolve_engine_name(name: str) -> str:
     return name
 
 
-def build_engine(name: str, arch: Any, *, tokenizer: Any, blocked_token_ids: Sequence[int], device: Any,
-                 dtype: torch.dtype, **vllm_options: Any) -> RolloutEngine:
+def build_engine(
+    name: str,
+    arch: Any,
+    *,
+    tokenizer: Any,
+    blocked_token_ids: Sequence[int],
+    device: Any,
+    dtype: torch.dtype,
+    **vllm_options: Any,
+) -> RolloutEngine:
     """The engine ``name`` (already resolved) for ``arch``; weights arrive by ``update_weights``."""
     if name == "hf":
         from megatron_vrft.rollout.hf_engine import HFEngine
@@ -76,8 +86,9 @@ def build_engine(name: str, arch: Any, *, tokenizer: Any, blocked_token_ids: Seq
     if name == "vllm":
         from megatron_vrft.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(arch, tokenizer=tokenizer, blocked_token_ids=blocked_token_ids, device=device,
-                          dtype=dtype, **vllm_options)
+        return VLLMEngine(
+            arch, tokenizer=tokenizer, blocked_token_ids=blocked_token_ids, device=device, dtype=dtype, **vllm_options
+        )
     raise ValueError(f"unknown rollout engine {name!r}")
 
 

@@ -74,7 +74,9 @@ class HFEngine:
         self.blocked_token_ids = sorted(set(int(t) for t in blocked_token_ids))
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = hf_classes(arch.family).for_generation._from_config(arch.hf_config, dtype=dtype).to(self.device).eval()
+        self.model = (
+            hf_classes(arch.family).for_generation._from_config(arch.hf_config, dtype=dtype).to(self.device).eval()
+        )
         self._expected = hf_param_shapes(arch)
         self._params = dict(self.model.named_parameters())
         self.weights_version = 0
@@ -138,8 +140,14 @@ class HFEngine:
         if self._asleep:
             raise RuntimeError("generate on a sleeping engine: wake_up() first")
         if not prompts:
-            return RolloutBatch(prompts=[], group_ids=torch.zeros(0, dtype=torch.long), response_ids=[],
-                                sampling_logprobs=[], finish_reasons=[], texts=[])
+            return RolloutBatch(
+                prompts=[],
+                group_ids=torch.zeros(0, dtype=torch.long),
+                response_ids=[],
+                sampling_logprobs=[],
+                finish_reasons=[],
+                texts=[],
+            )
         stop = list(sampling.stop_token_ids)
         pad_id = stop[0] if stop else self.tokenizer.pad_token_id
         gen_config = GenerationConfig(
@@ -177,9 +185,12 @@ class HFEngine:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(seed))
             out = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                mm_token_type_ids=mm_types.to(self.device), generation_config=gen_config, **images,
-            )  # fmt: skip
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                mm_token_type_ids=mm_types.to(self.device),
+                generation_config=gen_config,
+                **images,
+            )
         new = out.sequences[:, width:]
         scores = torch.stack(out.scores, dim=1).float()  # (B * n, steps, V), after the logits processors
         token_lp = torch.log_softmax(scores, dim=-1).gather(-1, new[..., None])[..., 0].cpu()
@@ -195,6 +206,10 @@ class HFEngine:
             finishes.append(FINISH_STOP if hits else FINISH_LENGTH)
             texts.append(self.tokenizer.decode(tokens[:end], skip_special_tokens=True))
         return RolloutBatch(
-            prompts=list(prompts), group_ids=torch.tensor(group_ids, dtype=torch.long), response_ids=responses,
-            sampling_logprobs=logprobs, finish_reasons=finishes, texts=texts,
-        )  # fmt: skip
+            prompts=list(prompts),
+            group_ids=torch.tensor(group_ids, dtype=torch.long),
+            response_ids=responses,
+            sampling_logprobs=logprobs,
+            finish_reasons=finishes,
+            texts=texts,
+        )

@@ -7,8 +7,8 @@ A batch holds its prompts once (``prompts[g]`` is group ``g``) and one row per s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -102,23 +102,28 @@ class RolloutBatch:
     def response_lengths(self) -> torch.Tensor:
         return torch.tensor([len(r) for r in self.response_ids], dtype=torch.long)
 
-    def rows(self) -> "RolloutRows":
+    def rows(self) -> RolloutRows:
         """The per-row fields alone (what ranks exchange; prompts stay local)."""
         return RolloutRows(
-            group_ids=self.group_ids, response_ids=self.response_ids, sampling_logprobs=self.sampling_logprobs,
-            finish_reasons=self.finish_reasons, texts=self.texts,
-        )  # fmt: skip
+            group_ids=self.group_ids,
+            response_ids=self.response_ids,
+            sampling_logprobs=self.sampling_logprobs,
+            finish_reasons=self.finish_reasons,
+            texts=self.texts,
+        )
 
     @staticmethod
-    def from_rows(prompts: list[PreprocessedExample], parts: Sequence["RolloutRows"]) -> "RolloutBatch":
+    def from_rows(prompts: list[PreprocessedExample], parts: Sequence[RolloutRows]) -> RolloutBatch:
         """Concatenate row sets whose ``group_ids`` already index ``prompts``."""
         cat = lambda name: [x for p in parts for x in getattr(p, name)]  # noqa: E731
         return RolloutBatch(
             prompts=prompts,
             group_ids=torch.cat([p.group_ids for p in parts]) if parts else torch.zeros(0, dtype=torch.long),
-            response_ids=cat("response_ids"), sampling_logprobs=cat("sampling_logprobs"),
-            finish_reasons=cat("finish_reasons"), texts=cat("texts"),
-        )  # fmt: skip
+            response_ids=cat("response_ids"),
+            sampling_logprobs=cat("sampling_logprobs"),
+            finish_reasons=cat("finish_reasons"),
+            texts=cat("texts"),
+        )
 
 
 @dataclass(kw_only=True)
@@ -131,11 +136,14 @@ class RolloutRows:
     finish_reasons: list[str]
     texts: list[str]
 
-    def offset_groups(self, offset: int) -> "RolloutRows":
+    def offset_groups(self, offset: int) -> RolloutRows:
         return RolloutRows(
-            group_ids=self.group_ids + offset, response_ids=self.response_ids,
-            sampling_logprobs=self.sampling_logprobs, finish_reasons=self.finish_reasons, texts=self.texts,
-        )  # fmt: skip
+            group_ids=self.group_ids + offset,
+            response_ids=self.response_ids,
+            sampling_logprobs=self.sampling_logprobs,
+            finish_reasons=self.finish_reasons,
+            texts=self.texts,
+        )
 
 
 @dataclass(kw_only=True)

@@ -349,9 +349,14 @@ class VLLMEngine:
         self._image_token_id = arch.image_token_id
         logger.info(
             "vLLM %s engine up: %s, tp=%d, replicas=%d (this rank: replica %d, tp rank %d), model dir %s",
-            vllm.__version__, platform, tensor_parallel_size, self.num_replicas, self.replica_index, self.tp_rank,
+            vllm.__version__,
+            platform,
+            tensor_parallel_size,
+            self.num_replicas,
+            self.replica_index,
+            self.tp_rank,
             model_dir,
-        )  # fmt: skip
+        )
 
     def _check_model_dir(self, model_dir: Path) -> None:
         import json
@@ -367,9 +372,11 @@ class VLLMEngine:
 
     # -- weights -------------------------------------------------------------------------------
     def update_weights(
-        self, weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor], *,
+        self,
+        weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+        *,
         _skip_encoder_cache_reset: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Load HF-named full tensors (hub or in-memory names) in place; all must come, once each.
 
         The tensors stream straight into vLLM's layerwise reload: the engine holds none of them
@@ -397,7 +404,9 @@ class VLLMEngine:
                 received[hub] = tensor.shape
                 if hub not in self._expected or tuple(tensor.shape) != tuple(self._expected[hub]):
                     try:  # the same message as a whole-update check: unexpected / mis-shaped, named
-                        check_weight_names({hub: tensor.shape}, {hub: self._expected[hub]} if hub in self._expected else {})
+                        check_weight_names(
+                            {hub: tensor.shape}, {hub: self._expected[hub]} if hub in self._expected else {}
+                        )
                     except WeightUpdateError as exc:
                         problem.append(exc)
                     return
@@ -497,9 +506,12 @@ class VLLMEngine:
             dist_kwargs: dict[str, Any] = dict(n=1, temperature=0.0)
         else:
             dist_kwargs = dict(
-                n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                top_k=max(sampling.top_k, 0), seed=int(seed) * sampling.n,
-            )  # fmt: skip
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=max(sampling.top_k, 0),
+                seed=int(seed) * sampling.n,
+            )
         return VSamplingParams(
             **dist_kwargs,
             max_tokens=sampling.max_new_tokens,
@@ -554,8 +566,10 @@ class VLLMEngine:
         if self._awake != {"weights", "kv_cache"}:
             raise RuntimeError("generate on a sleeping engine: wake_up() first")
         if self._weights_lost:
-            raise RuntimeError("the weights are gone (sleep(level=2)) or partly replaced (a failed update): "
-                               "a complete update_weights(...) before generate")
+            raise RuntimeError(
+                "the weights are gone (sleep(level=2)) or partly replaced (a failed update): "
+                "a complete update_weights(...) before generate"
+            )
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if self._spmd:
@@ -597,6 +611,10 @@ class VLLMEngine:
                 finishes.append(finish)
                 texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
         return RolloutBatch(
-            prompts=list(prompts), group_ids=torch.tensor(group_ids, dtype=torch.long), response_ids=responses,
-            sampling_logprobs=logprobs, finish_reasons=finishes, texts=texts,
-        )  # fmt: skip
+            prompts=list(prompts),
+            group_ids=torch.tensor(group_ids, dtype=torch.long),
+            response_ids=responses,
+            sampling_logprobs=logprobs,
+            finish_reasons=finishes,
+            texts=texts,
+        )

@@ -68,9 +68,12 @@ def run_forward(
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         out = model(
-            mb.input_ids, mb.position_ids, mb.attention_mask,
-            pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw,
-        )  # fmt: skip
+            mb.input_ids,
+            mb.position_ids,
+            mb.attention_mask,
+            pixel_values=mb.pixel_values,
+            image_grid_thw=mb.image_grid_thw,
+        )
 
         def loss_func(logits):
             # Only response positions carry a loss: the log-softmax runs over those rows alone
@@ -80,8 +83,11 @@ def run_forward(
             rows = logits[where]
             if shard is None:
                 lo = groups.tp_rank * rows.shape[-1]
-                shard = torch.tensor([t - lo for t in blocked_token_ids if lo <= t < lo + rows.shape[-1]],
-                                     dtype=torch.long, device=rows.device)
+                shard = torch.tensor(
+                    [t - lo for t in blocked_token_ids if lo <= t < lo + rows.shape[-1]],
+                    dtype=torch.long,
+                    device=rows.device,
+                )
             if shard.numel():
                 rows = rows.index_fill(-1, shard, BLOCKED_LOGIT)
             lp_rows, ent_rows = compute_token_logprobs(
@@ -108,8 +114,14 @@ def run_forward(
 class PolicyActor:
     """Trainable policy chunks of this rank with their optimizer and LR schedule."""
 
-    def __init__(self, chunks: list[Qwen2VLPolicy], groups: ParallelGroups, settings: OptimizerSettings,
-                 *, blocked_token_ids: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        chunks: list[Qwen2VLPolicy],
+        groups: ParallelGroups,
+        settings: OptimizerSettings,
+        *,
+        blocked_token_ids: Sequence[int] = (),
+    ) -> None:
         self.groups = groups
         self.blocked_token_ids = tuple(blocked_token_ids)
         self.policies = chunks
@@ -129,17 +141,31 @@ class PolicyActor:
         """
         s, config = self.settings, self.policies[0].config
         opt_config = OptimizerConfig(
-            optimizer="adam", lr=s.lr, min_lr=s.lr, weight_decay=s.weight_decay,
-            adam_beta1=s.betas[0], adam_beta2=s.betas[1], clip_grad=s.grad_clip,
-            bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
-        )  # fmt: skip
+            optimizer="adam",
+            lr=s.lr,
+            min_lr=s.lr,
+            weight_decay=s.weight_decay,
+            adam_beta1=s.betas[0],
+            adam_beta2=s.betas[1],
+            clip_grad=s.grad_clip,
+            bf16=config.bf16,
+            fp16=config.fp16,
+            params_dtype=config.params_dtype,
+        )
         self.optimizer = get_megatron_optimizer(opt_config, self.chunks)
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if s.warmup_steps else s.lr, max_lr=s.lr, min_lr=s.lr,
-            lr_warmup_steps=s.warmup_steps, lr_decay_steps=max(total_steps, s.warmup_steps + 1),
-            lr_decay_style="constant", start_wd=s.weight_decay, end_wd=s.weight_decay, wd_incr_steps=1,
+            self.optimizer,
+            init_lr=0.0 if s.warmup_steps else s.lr,
+            max_lr=s.lr,
+            min_lr=s.lr,
+            lr_warmup_steps=s.warmup_steps,
+            lr_decay_steps=max(total_steps, s.warmup_steps + 1),
+            lr_decay_style="constant",
+            start_wd=s.weight_decay,
+            end_wd=s.weight_decay,
+            wd_incr_steps=1,
             wd_incr_style="constant",
-        )  # fmt: skip
+        )
 
     def train_step(
         self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn, *, temperature: float
@@ -155,7 +181,12 @@ class PolicyActor:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         stats = run_forward(
-            self.chunks, micro_batches, loss_fn, groups=self.groups, temperature=temperature, forward_only=False,
+            self.chunks,
+            micro_batches,
+            loss_fn,
+            groups=self.groups,
+            temperature=temperature,
+            forward_only=False,
             blocked_token_ids=self.blocked_token_ids,
         )
         for c in self.chunks:
@@ -174,8 +205,12 @@ class PolicyActor:
 
     def _grads_finite(self) -> bool:
         """Every rank's gradients finite (one flag, MAX-reduced over the world: all ranks agree)."""
-        flags = [torch.isfinite(p.main_grad).all() for c in self.chunks for p in c.parameters()
-                 if getattr(p, "main_grad", None) is not None]
+        flags = [
+            torch.isfinite(p.main_grad).all()
+            for c in self.chunks
+            for p in c.parameters()
+            if getattr(p, "main_grad", None) is not None
+        ]
         bad = (~torch.stack(flags)).any().float().reshape(1) if flags else torch.zeros(1)
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -207,8 +242,12 @@ def policy_sharded_state_dict(policy: Qwen2VLPolicy, groups: ParallelGroups, *, 
 
 
 def forward_logprobs(
-    chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], *, groups: ParallelGroups,
-    temperature: float, blocked_token_ids: Sequence[int] = (),
+    chunks: Sequence[torch.nn.Module],
+    micro_batches: Sequence[MicroBatch],
+    *,
+    groups: ParallelGroups,
+    temperature: float,
+    blocked_token_ids: Sequence[int] = (),
 ) -> list[torch.Tensor] | None:
     """Per-micro-batch log-probs ``(B, S)`` (last pipeline stage; None elsewhere), no gradients."""
 
@@ -216,8 +255,15 @@ def forward_logprobs(
         return torch.zeros(()), {"logprobs": lp.detach()}
 
     with torch.no_grad():
-        stats = run_forward(chunks, micro_batches, collect, groups=groups, temperature=temperature, forward_only=True,
-                            blocked_token_ids=blocked_token_ids)
+        stats = run_forward(
+            chunks,
+            micro_batches,
+            collect,
+            groups=groups,
+            temperature=temperature,
+            forward_only=True,
+            blocked_token_ids=blocked_token_ids,
+        )
     return [s["logprobs"] for s in stats] if groups.is_last_stage else None
 
 

@@ -97,11 +97,16 @@ def build_micro_batches(
         inputs = build_padded_inputs(arch, ids, pad_mask, pixel_values=pixels, image_grid_thw=grid)
         out.append(
             MicroBatch(
-                rows=rows, input_ids=ids, position_ids=inputs.position_ids, attention_mask=inputs.attention_mask,
-                pixel_values=pixels, image_grid_thw=grid, targets=torch.roll(ids, -1, dims=1),
+                rows=rows,
+                input_ids=ids,
+                position_ids=inputs.position_ids,
+                attention_mask=inputs.attention_mask,
+                pixel_values=pixels,
+                image_grid_thw=grid,
+                targets=torch.roll(ids, -1, dims=1),
                 response_mask=response_mask,
                 advantages=advantages[rows].float() if advantages is not None else torch.zeros(len(rows)),
                 sampling_logprobs=sampled,
-            )  # fmt: skip
+            )
         )
     return out

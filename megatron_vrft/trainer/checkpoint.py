@@ -56,8 +56,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
             return path
     complete = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / TRAIN_STATE_FILE).exists())
     if not complete and any(p.is_dir() and not p.name.endswith(INCOMPLETE) for p in root.glob("step_*")):
-        logger.warning("%s holds checkpoints without %s (an older format): not resumable, starting afresh",
-                       root, TRAIN_STATE_FILE)
+        logger.warning(
+            "%s holds checkpoints without %s (an older format): not resumable, starting afresh", root, TRAIN_STATE_FILE
+        )
     return complete[-1] if complete else None
 
 
@@ -67,7 +68,12 @@ def read_train_state(path: Path) -> dict[str, Any]:
 
 
 def save_checkpoint(
-    output_dir: str | Path, step: int, sharded_state: dict[str, Any], *, layout: dict[str, int], keep: int,
+    output_dir: str | Path,
+    step: int,
+    sharded_state: dict[str, Any],
+    *,
+    layout: dict[str, int],
+    keep: int,
     describe: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``sharded_state`` (a megatron-core sharded state dict) as checkpoint ``step``. Collective.

@@ -33,15 +33,15 @@ from megatron_vrft.data import dp_shard
 from megatron_vrft.data.prompts import format_answer
 from megatron_vrft.eval.evaluate import evaluate_completions
 from megatron_vrft.rl import aggregate_loss, compute_grpo_loss, compute_kl, compute_rollout_correction
-from megatron_vrft.rollout.offload import Offloader, trainer_tensors
 from megatron_vrft.rollout.engine import RolloutEngine
+from megatron_vrft.rollout.offload import Offloader, trainer_tensors
 from megatron_vrft.rollout.types import RolloutBatch, SamplingParams
 from megatron_vrft.rollout.weight_export import export_hf_weights
 from megatron_vrft.trainer import checkpoint as ckpt
-from megatron_vrft.trainer.faults import fault_active, maybe_crash, poisoned
-from megatron_vrft.trainer.flops import lm_forward_flops, peak_flops
 from megatron_vrft.trainer.actor import copy_weights, forward_logprobs, policy_sharded_state_dict
 from megatron_vrft.trainer.batching import MicroBatch, build_micro_batches
+from megatron_vrft.trainer.faults import fault_active, maybe_crash, poisoned
+from megatron_vrft.trainer.flops import lm_forward_flops, peak_flops
 from megatron_vrft.trainer.metrics import MetricsLogger
 from megatron_vrft.trainer.scoring import score_rollout, scored_metrics
 from megatron_vrft.trainer.setup import RunContext, build_run
@@ -82,12 +82,23 @@ def train(cfg: VisualRFTConfig) -> TrainResult:
         logger.info("resumed from %s (step %d)", path, start_step)
     if run.rank == 0:
         ckpt.remove_incomplete(out_dir)
-    metrics = MetricsLogger(out_dir, active=run.rank == 0, jsonl=cfg.logging.jsonl,
-                            tensorboard=cfg.logging.tensorboard, resume_step=start_step,
-                            wandb_project=cfg.logging.wandb_project, config=config_to_dict(cfg))
+    metrics = MetricsLogger(
+        out_dir,
+        active=run.rank == 0,
+        jsonl=cfg.logging.jsonl,
+        tensorboard=cfg.logging.tensorboard,
+        resume_step=start_step,
+        wandb_project=cfg.logging.wandb_project,
+        config=config_to_dict(cfg),
+    )
     weights_stale = True
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=run.rank != 0 or not cfg.logging.progress_bar,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="train",
+        disable=run.rank != 0 or not cfg.logging.progress_bar,
+        dynamic_ncols=True,
+    )
     last: dict = {}
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
@@ -111,14 +122,21 @@ def train(cfg: VisualRFTConfig) -> TrainResult:
         metrics.log(step, record)
         last = record
         if step % cfg.logging.log_interval == 0:
-            shown = {k.split("/")[-1]: f"{record[k]:.3f}" for k in ("reward/total", "reward/accuracy", "sft_loss")
-                     if k in record}
+            shown = {
+                k.split("/")[-1]: f"{record[k]:.3f}"
+                for k in ("reward/total", "reward/accuracy", "sft_loss")
+                if k in record
+            }
             bar.set_postfix(shown, refresh=False)
             if bar.disable and run.rank == 0:
                 logger.info("step %d/%d %s", step, total_steps, " ".join(f"{k}={v}" for k, v in shown.items()))
         bar.update(1)
-        if run.eval_prompts and cfg.trainer.eval_interval and step % cfg.trainer.eval_interval == 0 \
-                and step != total_steps:  # the last step's evaluation follows the HF export
+        if (
+            run.eval_prompts
+            and cfg.trainer.eval_interval
+            and step % cfg.trainer.eval_interval == 0
+            and step != total_steps
+        ):  # the last step's evaluation follows the HF export
             with timer.phase("evaluation"):
                 metrics.log(step, {"phase": "eval", **evaluate(run, step)})
         save_now = cfg.trainer.save_interval and step % cfg.trainer.save_interval == 0
@@ -145,8 +163,13 @@ def train(cfg: VisualRFTConfig) -> TrainResult:
     if run.rank == 0:
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
         logger.info("phase timings (all steps)\n%s", timer.table())
-    return TrainResult(output_dir=out_dir, steps=total_steps, final_metrics={**last, **final, "skipped_steps": skipped},
-                       hf_checkpoint=hf_dir, files=files)
+    return TrainResult(
+        output_dir=out_dir,
+        steps=total_steps,
+        final_metrics={**last, **final, "skipped_steps": skipped},
+        hf_checkpoint=hf_dir,
+        files=files,
+    )
 
 
 # -- stages ----------------------------------------------------------------------------------------
@@ -170,14 +193,21 @@ def sft_step(run: RunContext, step: int, timer: PhaseTimer) -> dict:
             responses.append(torch.tensor(run.tokenizer.encode(text, add_special_tokens=False) + [end_of_answer]))
         # Answers are drawn for the whole batch, then sliced: the same whatever the DP size.
         mine = dp_shard(len(prompts), dp_rank=run.groups.dp_rank, dp_size=run.groups.dp_size)
-        mbs = build_micro_batches(run.arch, prompts[mine], responses[mine],
-                                  micro_batch_tokens=cfg.trainer.micro_batch_tokens,
-                                  pad_token_id=run.tokenizer.pad_token_id)
+        mbs = build_micro_batches(
+            run.arch,
+            prompts[mine],
+            responses[mine],
+            micro_batch_tokens=cfg.trainer.micro_batch_tokens,
+            pad_token_id=run.tokenizer.pad_token_id,
+        )
     total = dp_mean(sum(mb.num_tokens for mb in mbs), group=run.groups.dp_group)
 
     def loss_fn(mb: MicroBatch, lp: torch.Tensor, ent: torch.Tensor):
         loss = aggregate_loss(-lp, mb.response_mask, "token-mean", normalizer=total)
-        return loss, {"sft_loss": float(loss.detach()), "entropy": float((ent.detach() * mb.response_mask).sum() / total)}
+        return loss, {
+            "sft_loss": float(loss.detach()),
+            "entropy": float((ent.detach() * mb.response_mask).sum() / total),
+        }
 
     if fault_active("nan_loss", step):
         loss_fn = poisoned(loss_fn)
@@ -204,8 +234,14 @@ def grpo_step(run: RunContext, step: int, timer: PhaseTimer, *, sync_weights: bo
             released_bytes = offloader.offload(offload)
     with timer.phase("rollout"):
         run.engine.wake_up(["kv_cache"])
-        batch = rollout(run.engine, prompts, run.sampling, seed=cfg.trainer.seed, step=step,
-                        prompts_per_call=cfg.rollout.prompts_per_call)
+        batch = rollout(
+            run.engine,
+            prompts,
+            run.sampling,
+            seed=cfg.trainer.seed,
+            step=step,
+            prompts_per_call=cfg.rollout.prompts_per_call,
+        )
         run.engine.sleep(cfg.rollout.vllm.sleep_level)
     if offload:
         with timer.phase("offload"):
@@ -214,40 +250,62 @@ def grpo_step(run: RunContext, step: int, timer: PhaseTimer, *, sync_weights: bo
     maybe_crash("step", step)
     with timer.phase("rewards"):
         gts = [run.reward_ground_truths[i] for i in indices]
-        scored = score_rollout(batch, gts, terms=run.reward_terms, options=run.reward_options,
-                               advantage_estimator=cfg.algorithm.advantage_estimator)
+        scored = score_rollout(
+            batch,
+            gts,
+            terms=run.reward_terms,
+            options=run.reward_options,
+            advantage_estimator=cfg.algorithm.advantage_estimator,
+        )
         record = {"phase": "grpo", **scored_metrics(scored, cfg.rollout.num_generations)}
         local = dp_rows(batch.group_ids, batch.num_groups, dp_rank=run.groups.dp_rank, dp_size=run.groups.dp_size)
         mbs = build_micro_batches(
-            run.arch, [batch.prompt_of(i) for i in local], [batch.response_ids[i] for i in local],
-            micro_batch_tokens=cfg.trainer.micro_batch_tokens, pad_token_id=run.tokenizer.pad_token_id,
-            advantages=scored.advantages[local], sampling_logprobs=[batch.sampling_logprobs[i] for i in local],
-        )  # fmt: skip
+            run.arch,
+            [batch.prompt_of(i) for i in local],
+            [batch.response_ids[i] for i in local],
+            micro_batch_tokens=cfg.trainer.micro_batch_tokens,
+            pad_token_id=run.tokenizer.pad_token_id,
+            advantages=scored.advantages[local],
+            sampling_logprobs=[batch.sampling_logprobs[i] for i in local],
+        )
     temperature = cfg.rollout.temperature
     if run.reference is not None:
         with timer.phase("ref_logprobs"):
             if run.reference_offloader is not None:
                 run.reference_offloader.onload()
-            ref = forward_logprobs(run.reference, mbs, groups=run.groups, temperature=temperature,
-                                   blocked_token_ids=run.actor.blocked_token_ids)
+            ref = forward_logprobs(
+                run.reference,
+                mbs,
+                groups=run.groups,
+                temperature=temperature,
+                blocked_token_ids=run.actor.blocked_token_ids,
+            )
             if run.reference_offloader is not None:
                 run.reference_offloader.offload(["params"])
             for mb, lp in zip(mbs, ref or [None] * len(mbs)):
                 mb.ref_logprobs = lp
     if cfg.algorithm.ppo_epochs > 1:
         with timer.phase("old_logprobs"):
-            old = forward_logprobs(run.actor.chunks, mbs, groups=run.groups, temperature=temperature,
-                                   blocked_token_ids=run.actor.blocked_token_ids)
+            old = forward_logprobs(
+                run.actor.chunks,
+                mbs,
+                groups=run.groups,
+                temperature=temperature,
+                blocked_token_ids=run.actor.blocked_token_ids,
+            )
             for mb, lp in zip(mbs, old or [None] * len(mbs)):
                 mb.old_logprobs = lp
     a = cfg.algorithm
     total_tokens = dp_mean(sum(mb.num_tokens for mb in mbs), group=run.groups.dp_group)
     total_rows = dp_mean(sum(int((mb.response_mask.sum(1) > 0).sum()) for mb in mbs), group=run.groups.dp_group)
     loss_fn = build_grpo_loss_fn(
-        builders.grpo_loss_options(a), correction=builders.rollout_correction_options(a), entropy_coef=a.entropy_coef,
-        normalizer=total_tokens if a.loss_agg_mode == "token-mean" else total_rows, total_tokens=total_tokens,
+        builders.grpo_loss_options(a),
+        correction=builders.rollout_correction_options(a),
+        entropy_coef=a.entropy_coef,
+        normalizer=total_tokens if a.loss_agg_mode == "token-mean" else total_rows,
+        total_tokens=total_tokens,
         max_response_length=cfg.rollout.max_new_tokens,
-    )  # fmt: skip
+    )
     if fault_active("nan_loss", step):
         loss_fn = poisoned(loss_fn)
     with timer.phase("update"):
@@ -264,9 +322,9 @@ def grpo_step(run: RunContext, step: int, timer: PhaseTimer, *, sync_weights: bo
     record.update(model_flops_metrics(run, mbs, passes=passes, seconds=seconds))
     n_tokens = int(batch.response_lengths().sum())
     record["throughput/rollout_tokens_per_s"] = n_tokens / max(timer.seconds.get("rollout", 1e-9), 1e-9)
-    record["throughput/update_tokens_per_s"] = sum(
-        mb.input_ids.numel() for mb in mbs
-    ) * cfg.algorithm.ppo_epochs / max(timer.seconds["update"], 1e-9)
+    record["throughput/update_tokens_per_s"] = (
+        sum(mb.input_ids.numel() for mb in mbs) * cfg.algorithm.ppo_epochs / max(timer.seconds["update"], 1e-9)
+    )
     return record
 
 
@@ -283,13 +341,34 @@ def model_flops_metrics(run: RunContext, mbs: list[MicroBatch], *, passes: int, 
     return out
 
 
-SUMMED_STATS = ("loss", "pg_loss", "kl_loss", "entropy", "rollout/logprob_abs_diff_mean", "rollout/kl_k3",
-           "clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean", "rollout/rollout_is_mean",
-           "rollout/rollout_is_truncated_frac", "rollout/rollout_is_masked_frac", "rollout/rollout_kl_k3")
+SUMMED_STATS = (
+    "loss",
+    "pg_loss",
+    "kl_loss",
+    "entropy",
+    "rollout/logprob_abs_diff_mean",
+    "rollout/kl_k3",
+    "clip_frac",
+    "clip_frac_low",
+    "clip_frac_high",
+    "approx_kl",
+    "ratio_mean",
+    "rollout/rollout_is_mean",
+    "rollout/rollout_is_truncated_frac",
+    "rollout/rollout_is_masked_frac",
+    "rollout/rollout_kl_k3",
+)
 
 
-def build_grpo_loss_fn(loss_options: dict, *, correction: dict | None, entropy_coef: float, normalizer: float,
-                       total_tokens: float, max_response_length: int | None = None):
+def build_grpo_loss_fn(
+    loss_options: dict,
+    *,
+    correction: dict | None,
+    entropy_coef: float,
+    normalizer: float,
+    total_tokens: float,
+    max_response_length: int | None = None,
+):
     """The per-micro-batch GRPO loss and its stats, for megatron's schedule.
 
     ``loss_options``: ``rl.compute_grpo_loss`` keywords (``builders.grpo_loss_options``);
@@ -307,12 +386,22 @@ def build_grpo_loss_fn(loss_options: dict, *, correction: dict | None, entropy_c
         weights, correction_stats = None, {}
         if correction is not None:
             weights, correction_stats = compute_rollout_correction(old, mb.sampling_logprobs, mask, **correction)
-        out = compute_grpo_loss(lp, old, mb.ref_logprobs, mb.advantages, mask, normalizer=normalizer,
-                                token_weights=weights, impl="auto", max_response_length=max_response_length,
-                                **loss_options)
+        out = compute_grpo_loss(
+            lp,
+            old,
+            mb.ref_logprobs,
+            mb.advantages,
+            mask,
+            normalizer=normalizer,
+            token_weights=weights,
+            impl="auto",
+            max_response_length=max_response_length,
+            **loss_options,
+        )
         loss = out.loss
-        entropy = aggregate_loss(ent, mask, loss_agg_mode, normalizer=normalizer,
-                                 max_response_length=max_response_length)
+        entropy = aggregate_loss(
+            ent, mask, loss_agg_mode, normalizer=normalizer, max_response_length=max_response_length
+        )
         if entropy_coef:
             loss = loss - entropy_coef * entropy
         w = mb.num_tokens / max(total_tokens, 1)
@@ -324,7 +413,9 @@ def build_grpo_loss_fn(loss_options: dict, *, correction: dict | None, entropy_c
             "entropy": float(entropy.detach()),
             "rollout/logprob_abs_diff_mean": float(mismatch.abs().sum() / max(total_tokens, 1)),
             "rollout/logprob_abs_diff_max": float(mismatch.abs().max()),
-            "rollout/kl_k3": float((compute_kl(lp.detach(), mb.sampling_logprobs, "k3") * mask).sum() / max(total_tokens, 1)),
+            "rollout/kl_k3": float(
+                (compute_kl(lp.detach(), mb.sampling_logprobs, "k3") * mask).sum() / max(total_tokens, 1)
+            ),
         }
         if "kl_loss" in m:
             stats["kl_loss"] = float(m["kl_loss"])
@@ -337,8 +428,9 @@ def build_grpo_loss_fn(loss_options: dict, *, correction: dict | None, entropy_c
     return loss_fn
 
 
-def rollout(engine: RolloutEngine, prompts: list, sampling: SamplingParams, *, seed: int, step: int,
-            prompts_per_call: int) -> RolloutBatch:
+def rollout(
+    engine: RolloutEngine, prompts: list, sampling: SamplingParams, *, seed: int, step: int, prompts_per_call: int
+) -> RolloutBatch:
     """Generate for ``prompts``: calls of ``prompts_per_call`` prompts, each seeded by
     ``(seed, step, call)``, dealt to the engine replicas round-robin and gathered on every rank in
     prompt order. The samples depend on neither the world size nor the trainer's TP/PP layout."""
@@ -354,10 +446,13 @@ def rollout(engine: RolloutEngine, prompts: list, sampling: SamplingParams, *, s
     batch = RolloutBatch.from_rows(prompts, [p for rank_parts in gathered for p in rank_parts])
     order = torch.argsort(batch.group_ids, stable=True)
     return RolloutBatch(
-        prompts=prompts, group_ids=batch.group_ids[order], response_ids=[batch.response_ids[i] for i in order],
+        prompts=prompts,
+        group_ids=batch.group_ids[order],
+        response_ids=[batch.response_ids[i] for i in order],
         sampling_logprobs=[batch.sampling_logprobs[i] for i in order],
-        finish_reasons=[batch.finish_reasons[i] for i in order], texts=[batch.texts[i] for i in order],
-    )  # fmt: skip
+        finish_reasons=[batch.finish_reasons[i] for i in order],
+        texts=[batch.texts[i] for i in order],
+    )
 
 
 def dp_mean(local_count: float, *, group) -> float:
@@ -405,19 +500,29 @@ def evaluate(run: RunContext, step: int) -> dict:
     run.engine.update_weights(policy_weights(run))
     run.engine.wake_up(["kv_cache"])
     prompts = run.eval_prompts
-    batch = rollout(run.engine, prompts, run.eval_sampling, seed=cfg.trainer.seed, step=0,
-                    prompts_per_call=cfg.rollout.prompts_per_call)
+    batch = rollout(
+        run.engine,
+        prompts,
+        run.eval_sampling,
+        seed=cfg.trainer.seed,
+        step=0,
+        prompts_per_call=cfg.rollout.prompts_per_call,
+    )
     run.engine.sleep(cfg.rollout.vllm.sleep_level)
-    scored = score_rollout(batch, run.eval_ground_truths, terms=run.reward_terms, options=run.reward_options,
-                           advantage_estimator="drgrpo")
+    scored = score_rollout(
+        batch, run.eval_ground_truths, terms=run.reward_terms, options=run.reward_options, advantage_estimator="drgrpo"
+    )
     out = {f"eval/{k.split('/', 1)[1]}": v for k, v in scored_metrics(scored, 1).items() if k.startswith("reward/")}
     # the task metrics tools/evaluate.py reports (accuracy / COCO mAP / grounding IoU), same code
-    task = evaluate_completions(cfg.data.task, batch.texts, batch.ground_truths(),
-                                **builders.eval_options(cfg.data, cfg.reward))
+    task = evaluate_completions(
+        cfg.data.task, batch.texts, batch.ground_truths(), **builders.eval_options(cfg.data, cfg.reward)
+    )
     out.update({f"eval/task/{k}": float(v) for k, v in task.items() if isinstance(v, (int, float))})
     out["eval/num_prompts"] = len(prompts)
     if run.rank == 0:
-        examples = [{"source_id": batch.prompt_of(i).source_id, "completion": batch.texts[i]} for i in range(min(8, len(batch)))]
+        examples = [
+            {"source_id": batch.prompt_of(i).source_id, "completion": batch.texts[i]} for i in range(min(8, len(batch)))
+        ]
         (Path(cfg.trainer.output_dir) / "eval_examples.json").write_text(json.dumps(examples, indent=1))
     return out
 
@@ -447,14 +552,23 @@ def train_state(run: RunContext, step: int, *, is_loading: bool = False, with_rn
     """
     from megatron.core.dist_checkpointing import ShardedObject
 
-    state = {"step": step, "actor": run.actor.sharded_state_dict(is_loading=is_loading),
-             "batcher": run.batcher.state_dict()}
+    state = {
+        "step": step,
+        "actor": run.actor.sharded_state_dict(is_loading=is_loading),
+        "batcher": run.batcher.state_dict(),
+    }
     if run.reference is not None:
-        state["reference"] = {f"chunk{i}": policy_sharded_state_dict(m, run.groups, prefix="reference.")
-                              for i, m in enumerate(run.reference)}
+        state["reference"] = {
+            f"chunk{i}": policy_sharded_state_dict(m, run.groups, prefix="reference.")
+            for i, m in enumerate(run.reference)
+        }
     if with_rng:
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        rng = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
         state["rng"] = ShardedObject("rng_state", rng, (run.world_size,), (run.rank,), replica_id=0)
     return state
 
@@ -465,10 +579,13 @@ def save_train_state(run: RunContext, step: int) -> Path:
 
     with reference_resident(run):
         return ckpt.save_checkpoint(
-            run.cfg.trainer.output_dir, step, train_state(run, step), layout=run.layout,
+            run.cfg.trainer.output_dir,
+            step,
+            train_state(run, step),
+            layout=run.layout,
             keep=run.cfg.trainer.keep_checkpoints,
             describe=lambda d: write_checkpoint_meta(d, run.arch),
-        )  # fmt: skip
+        )
 
 
 def load_train_state(run: RunContext, path: Path) -> int:
@@ -476,8 +593,9 @@ def load_train_state(run: RunContext, path: Path) -> int:
     written = ckpt.read_train_state(path)
     same_layout = written["layout"] == run.layout
     if not same_layout and run.rank == 0:
-        logger.warning("resharding checkpoint %s from layout %s to %s; RNG states re-seeded",
-                       path, written["layout"], run.layout)
+        logger.warning(
+            "resharding checkpoint %s from layout %s to %s; RNG states re-seeded", path, written["layout"], run.layout
+        )
     warmup = sft_warmup_before_grpo(run.cfg)
     if warmup and written["step"] >= warmup:
         run.actor.reset_optimizer(run.cfg.trainer.num_steps)  # the GRPO optimizer, then its state
@@ -502,8 +620,10 @@ def policy_weights(run: RunContext):
     """The policy's HF-named full tensors, streamed bucket by bucket (collective: every rank of the
     model-parallel group iterates it to the end). One export feeds the engine and the HF writer."""
     return itertools.chain.from_iterable(
-        export_hf_weights(run.actor.policies, run.arch, run.groups,
-                          bucket_bytes=run.cfg.rollout.weight_sync_bucket_mb * 2**20))
+        export_hf_weights(
+            run.actor.policies, run.arch, run.groups, bucket_bytes=run.cfg.rollout.weight_sync_bucket_mb * 2**20
+        )
+    )
 
 
 def export_hf_checkpoint(run: RunContext, out_dir: Path) -> Path | None:
@@ -512,8 +632,9 @@ def export_hf_checkpoint(run: RunContext, out_dir: Path) -> Path | None:
 
     stream = policy_weights(run)
     if run.rank == 0:
-        write_hf_checkpoint(((n, t.contiguous()) for n, t in stream), out_dir,
-                            config=run.arch.hf_config.to_dict(), overwrite=True)
+        write_hf_checkpoint(
+            ((n, t.contiguous()) for n, t in stream), out_dir, config=run.arch.hf_config.to_dict(), overwrite=True
+        )
         run.tokenizer.save_pretrained(str(out_dir))
         run.processor.image_processor.save_pretrained(str(out_dir))
     else:

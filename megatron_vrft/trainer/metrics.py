@@ -27,8 +27,17 @@ CURVES = (
 class MetricsLogger:
     """Writes metrics of rank 0; other ranks hold an inactive instance."""
 
-    def __init__(self, output_dir: str | Path, *, active: bool, jsonl: bool, tensorboard: bool,
-                 resume_step: int | None, wandb_project: str | None = None, config: dict | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        active: bool,
+        jsonl: bool,
+        tensorboard: bool,
+        resume_step: int | None,
+        wandb_project: str | None = None,
+        config: dict | None = None,
+    ) -> None:
         self.dir = Path(output_dir)
         self.active = active
         self.path = self.dir / "metrics.jsonl"
@@ -92,8 +101,11 @@ class MetricsLogger:
             pts = [(r["step"], r[key]) for r in grpo if key in r]
             if pts:
                 ax.plot(*zip(*pts), label=label)
-        held_out = [(r["step"], r["eval/task/accuracy"]) for r in self.records
-                    if r.get("phase") == "eval" and "eval/task/accuracy" in r]
+        held_out = [
+            (r["step"], r["eval/task/accuracy"])
+            for r in self.records
+            if r.get("phase") == "eval" and "eval/task/accuracy" in r
+        ]
         if held_out:
             ax.plot(*zip(*held_out), "o", color="black", markersize=4, label="held-out greedy accuracy")
         sft = [r["step"] for r in self.records if r.get("phase") == "sft"]
@@ -104,7 +116,11 @@ class MetricsLogger:
         ax.set_title("Visual-RFT rewards")
         ax.set_ylim(-0.05, max(2.05, max((r.get("reward/total", 0) for r in grpo), default=0) + 0.05))
         ax.legend(loc="upper left")
-        for key, label in (("loss", "loss"), ("kl_loss", "KL to reference"), ("rollout/logprob_abs_diff_mean", "|rollout - trainer| log-prob")):
+        for key, label in (
+            ("loss", "loss"),
+            ("kl_loss", "KL to reference"),
+            ("rollout/logprob_abs_diff_mean", "|rollout - trainer| log-prob"),
+        ):
             pts = [(r["step"], r[key]) for r in self.records if key in r]
             if pts:
                 ax2.plot(*zip(*pts), label=label)
@@ -138,5 +154,6 @@ def _start_wandb(run_dir: Path, project: str, config: dict | None, *, resumed: b
     id_file = run_dir / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if resumed and id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
-    return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
-                      config=config or {})
+    return wandb.init(
+        project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=config or {}
+    )

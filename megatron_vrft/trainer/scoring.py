@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from megatron_vrft.rewards import GroundTruth, compute_rewards
 from megatron_vrft.rl import compute_advantages

@@ -81,16 +81,23 @@ def preflight(cfg: VisualRFTConfig, world_size: int) -> str:
     p = cfg.parallel
     mp = p.tensor_parallel_size * p.pipeline_parallel_size
     if world_size % mp:
-        raise ConfigError("parallel.tensor_parallel_size", p.tensor_parallel_size,
-                          f"TP x PP ({mp}) dividing the world size {world_size} (world = TP x PP x DP)")
+        raise ConfigError(
+            "parallel.tensor_parallel_size",
+            p.tensor_parallel_size,
+            f"TP x PP ({mp}) dividing the world size {world_size} (world = TP x PP x DP)",
+        )
     dp = world_size // mp
     if cfg.data.prompts_per_step % dp:
-        raise ConfigError("data.prompts_per_step", cfg.data.prompts_per_step,
-                          f"a multiple of the data-parallel size {dp}")
+        raise ConfigError(
+            "data.prompts_per_step", cfg.data.prompts_per_step, f"a multiple of the data-parallel size {dp}"
+        )
     engine_name = builders.resolve_engine(cfg.rollout)
     if engine_name == "vllm" and world_size % cfg.rollout.vllm.tensor_parallel_size:
-        raise ConfigError("rollout.vllm.tensor_parallel_size", cfg.rollout.vllm.tensor_parallel_size,
-                          f"a divisor of the world size {world_size}")
+        raise ConfigError(
+            "rollout.vllm.tensor_parallel_size",
+            cfg.rollout.vllm.tensor_parallel_size,
+            f"a divisor of the world size {world_size}",
+        )
     known = set(available_rewards())
     for i, term in enumerate(cfg.reward.terms):
         if term.name not in known:
@@ -100,8 +107,11 @@ def preflight(cfg: VisualRFTConfig, world_size: int) -> str:
     if cfg.data.path is not None and not Path(cfg.data.path).exists():
         raise ConfigError("data.path", cfg.data.path, "an existing file or directory")
     if cfg.logging.wandb_project is not None and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("logging.wandb_project", cfg.logging.wandb_project,
-                          "None here: the wandb package is not installed (pip install wandb)")
+        raise ConfigError(
+            "logging.wandb_project",
+            cfg.logging.wandb_project,
+            "None here: the wandb package is not installed (pip install wandb)",
+        )
     if cfg.data.eval_path is not None and not Path(cfg.data.eval_path).exists():
         raise ConfigError("data.eval_path", cfg.data.eval_path, "an existing file or directory")
     if cfg.data.eval_path is not None and cfg.data.source == "synthetic":
@@ -110,21 +120,29 @@ def preflight(cfg: VisualRFTConfig, world_size: int) -> str:
         raise ConfigError("data.image_root", cfg.data.image_root, "an existing directory")
     warmup_random = cfg.trainer.sft_warmup_steps and cfg.trainer.sft_warmup_answers == "random"
     if warmup_random and cfg.data.task != "classification":
-        raise ConfigError("trainer.sft_warmup_answers", "random",
-                          "'ground_truth' for detection and grounding (random answers need class names)")
+        raise ConfigError(
+            "trainer.sft_warmup_answers",
+            "random",
+            "'ground_truth' for detection and grounding (random answers need class names)",
+        )
     if cfg.algorithm.name == "grpo" and cfg.rollout.num_generations < 2:
         raise ConfigError("rollout.num_generations", cfg.rollout.num_generations, "an integer >= 2 for GRPO")
     if cfg.model.layer_spec == "transformer_engine" and not use_transformer_engine():
-        raise ConfigError("model.layer_spec", "transformer_engine",
-                          "'auto' or 'local' here: Transformer Engine needs a GPU and the transformer_engine package")
+        raise ConfigError(
+            "model.layer_spec",
+            "transformer_engine",
+            "'auto' or 'local' here: Transformer Engine needs a GPU and the transformer_engine package",
+        )
     return engine_name
 
 
 def build_run(cfg: VisualRFTConfig) -> RunContext:
     rank, world = dist.get_rank(), dist.get_world_size()
     engine_name = preflight(cfg, world)
-    layout = ParallelLayout(tensor_parallel_size=cfg.parallel.tensor_parallel_size,
-                            pipeline_parallel_size=cfg.parallel.pipeline_parallel_size)
+    layout = ParallelLayout(
+        tensor_parallel_size=cfg.parallel.tensor_parallel_size,
+        pipeline_parallel_size=cfg.parallel.pipeline_parallel_size,
+    )
     groups = initialize_model_parallel(layout, seed=cfg.trainer.seed)
     tokenizer = builders.build_tokenizer(cfg.model)
     processor = builders.build_processor(tokenizer, cfg.data)
@@ -132,12 +150,12 @@ def build_run(cfg: VisualRFTConfig) -> RunContext:
     d = cfg.data
     examples = builders.build_examples(d, processor, builders.build_records(d), report=rank == 0)
     if len(examples) < d.prompts_per_step:
-        raise ConfigError("data.prompts_per_step", d.prompts_per_step,
-                          f"at most the number of usable records ({len(examples)})")
+        raise ConfigError(
+            "data.prompts_per_step", d.prompts_per_step, f"at most the number of usable records ({len(examples)})"
+        )
     eval_prompts = []
     if builders.has_eval_split(d):
-        eval_prompts = builders.build_examples(d, processor, builders.build_records(d, split="eval"),
-                                               report=rank == 0)
+        eval_prompts = builders.build_examples(d, processor, builders.build_records(d, split="eval"), report=rank == 0)
 
     dtype = DTYPES[cfg.model.dtype]
     if cfg.model.hf_path is None:
@@ -165,21 +183,44 @@ def build_run(cfg: VisualRFTConfig) -> RunContext:
     arch = chunks[0].arch
     warmup_first = cfg.algorithm.name == "grpo" and cfg.trainer.sft_warmup_steps
     o = cfg.optimizer
-    actor = PolicyActor(chunks, groups, OptimizerSettings(
-        lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), grad_clip=o.grad_clip,
-        warmup_steps=o.warmup_steps,
-        total_steps=cfg.trainer.sft_warmup_steps if warmup_first else cfg.trainer.num_steps,
-    ), blocked_token_ids=vision_token_ids(tokenizer, arch.vocab_size))  # fmt: skip
-    engine = builders.build_engine(engine_name, cfg.rollout, d, arch, tokenizer, device=device, dtype=dtype,
-                                   seed=cfg.trainer.seed)
+    actor = PolicyActor(
+        chunks,
+        groups,
+        OptimizerSettings(
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            betas=tuple(o.betas),
+            grad_clip=o.grad_clip,
+            warmup_steps=o.warmup_steps,
+            total_steps=cfg.trainer.sft_warmup_steps if warmup_first else cfg.trainer.num_steps,
+        ),
+        blocked_token_ids=vision_token_ids(tokenizer, arch.vocab_size),
+    )
+    engine = builders.build_engine(
+        engine_name, cfg.rollout, d, arch, tokenizer, device=device, dtype=dtype, seed=cfg.trainer.seed
+    )
     terms, options = builders.reward_terms(cfg.reward)
-    batcher = PromptBatcher(num_records=len(examples), global_batch_size=d.prompts_per_step, dp_rank=0, dp_size=1,
-                            seed=d.seed)
+    batcher = PromptBatcher(
+        num_records=len(examples), global_batch_size=d.prompts_per_step, dp_rank=0, dp_size=1, seed=d.seed
+    )
     return RunContext(
-        cfg=cfg, rank=rank, world_size=world, groups=groups, tokenizer=tokenizer, processor=processor, arch=arch,
-        examples=examples, eval_prompts=eval_prompts, actor=actor, reference=reference,
-        reference_offloader=reference_offloader, engine=engine, batcher=batcher,
+        cfg=cfg,
+        rank=rank,
+        world_size=world,
+        groups=groups,
+        tokenizer=tokenizer,
+        processor=processor,
+        arch=arch,
+        examples=examples,
+        eval_prompts=eval_prompts,
+        actor=actor,
+        reference=reference,
+        reference_offloader=reference_offloader,
+        engine=engine,
+        batcher=batcher,
         sampling=builders.build_sampling(cfg.rollout, tokenizer),
         eval_sampling=builders.build_sampling(cfg.rollout, tokenizer, greedy=True),
-        reward_terms=terms, reward_options=options, on_gpu=device.type == "cuda",
-    )  # fmt: skip
+        reward_terms=terms,
+        reward_options=options,
+        on_gpu=device.type == "cuda",
+    )

@@ -15,9 +15,14 @@ CONFIGS = sorted(EXAMPLES.rglob("*.yaml"))
 
 def test_there_are_paper_scale_examples():
     names = {p.name for p in CONFIGS}
-    assert {"tiny_cpu.yaml", "qwen2vl_2b_fewshot_classification.yaml", "qwen2vl_2b_coco_fewshot_detection.yaml",
-            "qwen2vl_2b_lvis_fewshot_detection.yaml", "qwen2vl_2b_ov_detection.yaml",
-            "qwen2vl_7b_lisa_grounding.yaml"} <= names
+    assert {
+        "tiny_cpu.yaml",
+        "qwen2vl_2b_fewshot_classification.yaml",
+        "qwen2vl_2b_coco_fewshot_detection.yaml",
+        "qwen2vl_2b_lvis_fewshot_detection.yaml",
+        "qwen2vl_2b_ov_detection.yaml",
+        "qwen2vl_7b_lisa_grounding.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -34,8 +39,9 @@ def test_example_config_loads_and_preflight_names_a_field(path):
 
 
 def test_preflight_rejects_a_world_that_tp_pp_do_not_divide():
-    cfg = load_config(EXAMPLES / "tiny_cpu.yaml", ["parallel.tensor_parallel_size=2",
-                                                            "parallel.pipeline_parallel_size=2"])
+    cfg = load_config(
+        EXAMPLES / "tiny_cpu.yaml", ["parallel.tensor_parallel_size=2", "parallel.pipeline_parallel_size=2"]
+    )
     with pytest.raises(ConfigError, match="parallel.tensor_parallel_size"):
         preflight(cfg, 2)
     with pytest.raises(ConfigError, match="reward.terms"):

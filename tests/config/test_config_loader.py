@@ -54,11 +54,20 @@ def test_overrides_take_precedence_and_parse_yaml_scalars(tmp_path):
 
 
 def test_int_is_accepted_for_float_but_not_reverse():
-    cfg = load_config(None, [f"model.family=qwen2_vl", "data.source=synthetic", "data.task=grounding", "algorithm.kl_coef=1"])
+    cfg = load_config(
+        None, ["model.family=qwen2_vl", "data.source=synthetic", "data.task=grounding", "algorithm.kl_coef=1"]
+    )
     assert isinstance(cfg.algorithm.kl_coef, float)
     with pytest.raises(ConfigError, match="parallel.tensor_parallel_size"):
-        load_config(None, ["model.family=qwen2_vl", "data.source=synthetic", "data.task=grounding",
-                           "parallel.tensor_parallel_size=1.5"])
+        load_config(
+            None,
+            [
+                "model.family=qwen2_vl",
+                "data.source=synthetic",
+                "data.task=grounding",
+                "parallel.tensor_parallel_size=1.5",
+            ],
+        )
 
 
 @pytest.mark.parametrize(
@@ -81,8 +90,9 @@ def test_literal_errors_name_field_and_allowed_values(override, field, allowed):
 
 def test_unknown_key_suggests_close_match():
     with pytest.raises(ConfigError) as info:
-        load_config(None, ["model.family=qwen2_vl", "data.source=synthetic", "data.task=detection",
-                           "algorithm.kl_coeff=0.1"])
+        load_config(
+            None, ["model.family=qwen2_vl", "data.source=synthetic", "data.task=detection", "algorithm.kl_coeff=0.1"]
+        )
     assert "algorithm.kl_coeff" in str(info.value)
     assert "did you mean 'kl_coef'" in str(info.value)
 
@@ -112,14 +122,22 @@ def test_retired_key_names_its_replacement(old, new, value):
 
 def test_removed_key_says_why():
     with pytest.raises(ConfigError, match="not wired into the trainer"):
-        load_config(None, ["model.family=qwen2_vl", "data.source=synthetic", "data.task=detection",
-                           "parallel.virtual_pipeline_parallel_size=2"])
+        load_config(
+            None,
+            [
+                "model.family=qwen2_vl",
+                "data.source=synthetic",
+                "data.task=detection",
+                "parallel.virtual_pipeline_parallel_size=2",
+            ],
+        )
 
 
 def test_unknown_section_is_rejected():
     with pytest.raises(ConfigError, match="'rollouts'"):
-        load_config(None, ["model.family=qwen2_vl", "data.source=synthetic", "data.task=detection",
-                           "rollouts.temperature=1"])
+        load_config(
+            None, ["model.family=qwen2_vl", "data.source=synthetic", "data.task=detection", "rollouts.temperature=1"]
+        )
 
 
 def test_missing_required_field_is_named():
@@ -155,13 +173,21 @@ def test_cross_field_validation_names_field(override, field):
 
 def test_bool_fields_reject_strings():
     with pytest.raises(ConfigError, match="'logging.plots'.*true or false"):
-        load_config(None, ["model.family=qwen2_vl", "data.source=synthetic", "data.task=detection",
-                           "logging.plots=maybe"])
+        load_config(
+            None, ["model.family=qwen2_vl", "data.source=synthetic", "data.task=detection", "logging.plots=maybe"]
+        )
 
 
 def test_dump_and_reload_round_trip(tmp_path):
-    cfg = load_config(None, ["model.family=qwen2_5_vl", "data.source=synthetic", "data.task=grounding",
-                             "reward.terms=[{name: grounding_iou, weight: 2.0}]"])
+    cfg = load_config(
+        None,
+        [
+            "model.family=qwen2_5_vl",
+            "data.source=synthetic",
+            "data.task=grounding",
+            "reward.terms=[{name: grounding_iou, weight: 2.0}]",
+        ],
+    )
     path = tmp_path / "dumped.yaml"
     path.write_text(dump_config(cfg))
     again = load_config(path)

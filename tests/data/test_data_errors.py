@@ -43,12 +43,8 @@ def _records(tmp_path):
     bad = truncate_file(write_image(tmp_path / "bad.jpg", 60, 40, seed=1))
     gt = GroundTruth(label="x")
     return [
-        VisualRecord(
-            source_id="r-good", task="classification", images=[good], problem="p", ground_truth=gt
-        ),
-        VisualRecord(
-            source_id="r-bad", task="classification", images=[bad], problem="p", ground_truth=gt
-        ),
+        VisualRecord(source_id="r-good", task="classification", images=[good], problem="p", ground_truth=gt),
+        VisualRecord(source_id="r-bad", task="classification", images=[bad], problem="p", ground_truth=gt),
         VisualRecord(
             source_id="r-missing",
             task="classification",
@@ -103,8 +99,7 @@ def test_header_only_check_defers_truncation_to_load(tmp_path):
 def _coco(tmp_path, bboxes, cats=({"id": 1, "name": "a"},)):
     write_image(tmp_path / "0.png", 50, 40, 0)
     anns = [
-        {"id": i, "image_id": 0, "category_id": 1, "bbox": b, "iscrowd": 0, "area": 1.0}
-        for i, b in enumerate(bboxes)
+        {"id": i, "image_id": 0, "category_id": 1, "bbox": b, "iscrowd": 0, "area": 1.0} for i, b in enumerate(bboxes)
     ]
     data = {
         "images": [{"id": 0, "file_name": "0.png", "width": 50, "height": 40}],
@@ -117,13 +112,9 @@ def _coco(tmp_path, bboxes, cats=({"id": 1, "name": "a"},)):
 
 
 def test_coco_out_of_bounds_clip_or_error_and_degenerate(tmp_path):
-    path = _coco(
-        tmp_path, [[40.0, 30.0, 20.0, 20.0], [1.0, 1.0, 5.0, 5.0]]
-    )  # first leaves the image
+    path = _coco(tmp_path, [[40.0, 30.0, 20.0, 20.0], [1.0, 1.0, 5.0, 5.0]])  # first leaves the image
     rs = read_coco_detection(path, tmp_path, box_space="norm_1000")
-    np.testing.assert_allclose(
-        sorted(rs[0].ground_truth.boxes.tolist()), [[1, 1, 6, 6], [40, 30, 50, 40]]
-    )
+    np.testing.assert_allclose(sorted(rs[0].ground_truth.boxes.tolist()), [[1, 1, 6, 6], [40, 30, 50, 40]])
     assert rs.skips.counts == {"box_clipped": 1}
     with pytest.raises(DataError, match=r"a.json: image id 0 \(a\).*outside the image"):
         read_coco_detection(path, tmp_path, box_space="norm_1000", out_of_bounds="error")
@@ -145,9 +136,7 @@ def test_bad_annotation_files(tmp_path):
     bad.write_text(json.dumps({"images": []}))
     with pytest.raises(DataError, match="missing list 'annotations'"):
         read_coco_detection(bad, tmp_path, box_space="norm_1000")
-    path = _coco(
-        tmp_path, [[1.0, 1.0, 5.0, 5.0]], cats=({"id": 1, "name": "a"}, {"id": 2, "name": "b"})
-    )
+    path = _coco(tmp_path, [[1.0, 1.0, 5.0, 5.0]], cats=({"id": 1, "name": "a"}, {"id": 2, "name": "b"}))
     rs = read_coco_detection(path, tmp_path, box_space="norm_1000")
     assert rs.skips.counts == {"category_without_examples": 1}  # "b" has no annotation: reported
     with pytest.raises(DataError, match="not found"):
@@ -166,9 +155,7 @@ def test_bad_annotation_files(tmp_path):
         read_lisa_grounding(lisa, box_space="norm_1000")
     rs = read_lisa_grounding(lisa, box_space="norm_1000", on_error="skip")
     assert len(rs) == 1 and rs.skips.counts == {"bad_annotation": 1, "missing_image": 1}
-    assert "zz.png" in rs.skips.summary() or any(
-        "id 2" in n for n in rs.skips.examples["missing_image"]
-    )
+    assert "zz.png" in rs.skips.summary() or any("id 2" in n for n in rs.skips.examples["missing_image"])
     with pytest.raises(ValueError, match="on_error"):
         read_lisa_grounding(lisa, box_space="norm_1000", on_error="ignore")
 

@@ -19,8 +19,9 @@ TERMS = {
 def test_format_answer_scores_full_marks(task):
     tok = build_tiny_tokenizer()
     proc = build_qwen2vl_processor(tok, min_pixels=56 * 56, max_pixels=224 * 224)
-    examples, _ = preprocess_records(load_records("synthetic", task, num_synthetic=6, box_space="norm_1000"), proc,
-                                     box_space="norm_1000")
+    examples, _ = preprocess_records(
+        load_records("synthetic", task, num_synthetic=6, box_space="norm_1000"), proc, box_space="norm_1000"
+    )
     texts = [format_answer(e.ground_truth, task) for e in examples]
     scores = compute_rewards(texts, [e.ground_truth for e in examples], TERMS[task])
     assert float(scores.scores["format"].min()) == 1.0

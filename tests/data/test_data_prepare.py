@@ -54,9 +54,16 @@ def make_coco(root: Path, *, seed: int = 0, num_images: int = 40, lvis: bool = F
             for _ in range(int(rng.integers(1, 3))):
                 x, y = rng.uniform(0, w - 8), rng.uniform(0, h - 8)
                 bw, bh = rng.uniform(4, w - x), rng.uniform(4, h - y)
-                anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": int(cat),
-                             "bbox": [x, y, bw, bh], "area": bw * bh,
-                             "iscrowd": int(rng.random() < 0.125) if not lvis else 0})
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": img_id,
+                        "category_id": int(cat),
+                        "bbox": [x, y, bw, bh],
+                        "area": bw * bh,
+                        "iscrowd": int(rng.random() < 0.125) if not lvis else 0,
+                    }
+                )
         if lvis:
             absent = [c for c in range(1, len(CATS) + 1) if c not in present]
             img["neg_category_ids"] = [int(c) for c in rng.choice(absent, size=2, replace=False)]
@@ -67,8 +74,9 @@ def make_coco(root: Path, *, seed: int = 0, num_images: int = 40, lvis: bool = F
         for c in cats:
             c["frequency"] = "rcf"[c["id"] % 3]
     path = root / ("lvis.json" if lvis else "instances.json")
-    path.write_text(json.dumps({"info": {"description": "synthetic"}, "images": images,
-                                "annotations": anns, "categories": cats}))
+    path.write_text(
+        json.dumps({"info": {"description": "synthetic"}, "images": images, "annotations": anns, "categories": cats})
+    )
     return path
 
 
@@ -126,8 +134,11 @@ def test_coco_fewshot_never_exceeds_k(coco_file, tmp_path, mode):
         want = {a["id"] for a in source["annotations"] if (a["image_id"], a["category_id"]) in pairs}
         assert want == {a["id"] for a in data["annotations"]}
         if mode == "greedy":  # images are kept whole (all chosen categories)
-            whole = {a["id"] for a in source["annotations"]
-                     if a["image_id"] in kept_images and a["category_id"] in {ids[n] for n in chosen}}
+            whole = {
+                a["id"]
+                for a in source["annotations"]
+                if a["image_id"] in kept_images and a["category_id"] in {ids[n] for n in chosen}
+            }
             assert whole == {a["id"] for a in data["annotations"]}
 
 
@@ -159,10 +170,12 @@ def test_coco_fewshot_crowd_regions_reach_the_reader(tmp_path):
     out = tmp_path / "sub.json"
     build_coco_fewshot(path, out, k=30, seed=0)  # k above every count: every pair is kept
     data = json.loads(out.read_text())
-    assert sum(a["iscrowd"] for a in data["annotations"]) == sum(a["iscrowd"] for a in source["annotations"]
-                                                                 if (a["image_id"], a["category_id"]) in
-                                                                 {(b["image_id"], b["category_id"]) for b in
-                                                                  source["annotations"] if not b["iscrowd"]})
+    assert sum(a["iscrowd"] for a in data["annotations"]) == sum(
+        a["iscrowd"]
+        for a in source["annotations"]
+        if (a["image_id"], a["category_id"])
+        in {(b["image_id"], b["category_id"]) for b in source["annotations"] if not b["iscrowd"]}
+    )
     records = read_coco_detection(out, tmp_path / "images", box_space="norm_1000")
     assert sum(len(r.ground_truth.crowd_boxes) for r in records) > 0
 
@@ -232,7 +245,8 @@ def _assert_class_folders(out: Path, summary, k: int, expected_labels: dict[str,
         assert len(files) <= k
         assert set(files) <= set(expected_labels[label])
     assert {k_: len(v) for k_, v in per_label.items()} == {
-        safe_folder_name(name).replace("_", " "): n for name, n in summary.written.items()}
+        safe_folder_name(name).replace("_", " "): n for name, n in summary.written.items()
+    }
     for label, files in expected_labels.items():
         assert len(per_label.get(label, [])) == min(k, len(files))
 
@@ -247,8 +261,9 @@ def test_flowers102(tmp_path):
         write_image(root / "jpg" / f"image_{i:05d}.jpg", 20, 16, seed=i)
     savemat(root / "imagelabels.mat", {"labels": labels[None, :].astype(np.uint8)})
     perm = rng.permutation(np.arange(1, 41))
-    savemat(root / "setid.mat", {"trnid": perm[:25][None, :], "valid": perm[25:32][None, :],
-                                 "tstid": perm[32:][None, :]})
+    savemat(
+        root / "setid.mat", {"trnid": perm[:25][None, :], "valid": perm[25:32][None, :], "tstid": perm[32:][None, :]}
+    )
     expected: dict[str, list[str]] = defaultdict(list)
     for num in perm[:25]:
         expected[FLOWERS102_CLASSES[labels[num - 1] - 1]].append(f"image_{num:05d}.jpg")
@@ -326,8 +341,13 @@ def test_stanford_cars_devkit(tmp_path):
 
 
 def _labelme(points_list, labels, texts, is_sentence, w, h):
-    return {"text": texts, "is_sentence": is_sentence, "imageWidth": w, "imageHeight": h,
-            "shapes": [{"label": lab, "points": pts, "shape_type": "polygon"} for pts, lab in zip(points_list, labels)]}
+    return {
+        "text": texts,
+        "is_sentence": is_sentence,
+        "imageWidth": w,
+        "imageHeight": h,
+        "shapes": [{"label": lab, "points": pts, "shape_type": "polygon"} for pts, lab in zip(points_list, labels)],
+    }
 
 
 def test_lisa_conversion_boxes_and_reader(tmp_path):
@@ -382,11 +402,21 @@ def _vrft_rows(n: int, seed: int) -> list[dict]:
         kind = i % 5
         image = {"bytes": _png_bytes(int(rng.integers(0, 6))), "path": None}  # repeated images
         if kind == 4:
-            rows.append({"image": image, "problem": "Locate the thing.",
-                         "solution": f"<answer>[{i % 5}, 1, {i % 5 + 5}, 8]</answer>"})
+            rows.append(
+                {
+                    "image": image,
+                    "problem": "Locate the thing.",
+                    "solution": f"<answer>[{i % 5}, 1, {i % 5 + 5}, 8]</answer>",
+                }
+            )
         else:
-            rows.append({"image": image, "problem": "What flower is this?",
-                         "solution": f"<answer>{labels[int(rng.integers(0, 4))]}</answer>"})
+            rows.append(
+                {
+                    "image": image,
+                    "problem": "What flower is this?",
+                    "solution": f"<answer>{labels[int(rng.integers(0, 4))]}</answer>",
+                }
+            )
     return rows
 
 

@@ -42,9 +42,7 @@ def _det_record(img, boxes, sid="rec"):
         task="detection",
         images=[img],
         problem=build_detection_prompt(["thing"], box_space="pixels_resized"),
-        ground_truth=GroundTruth(
-            coord_space="pixels_original", boxes=boxes, categories=("thing",) * len(boxes)
-        ),
+        ground_truth=GroundTruth(coord_space="pixels_original", boxes=boxes, categories=("thing",) * len(boxes)),
         image_size=img.size,
     )
 
@@ -89,9 +87,7 @@ def test_box_mapping_matches_processor_resize_and_round_trips(size):
         assert np.abs(back_int - boxes).max() <= 1.0
 
     ex1000 = preprocess_record(_det_record(img, boxes), proc, box_space="norm_1000")
-    np.testing.assert_allclose(
-        ex1000.ground_truth.boxes, boxes * np.array([1000 / w, 1000 / h] * 2), rtol=0, atol=1e-9
-    )
+    np.testing.assert_allclose(ex1000.ground_truth.boxes, boxes * np.array([1000 / w, 1000 / h] * 2), rtol=0, atol=1e-9)
 
 
 def test_tokens_and_mm_types_line_up_with_the_image_grid():
@@ -151,9 +147,7 @@ def test_processor_output_runs_tiny_qwen2vl_and_left_padding_is_exact():
 def test_collate_right_padding_and_concatenation():
     proc = tiny_processor(max_pixels=28 * 28 * 16)
     exs = [
-        preprocess_record(
-            _det_record(random_image(w, h, seed=w), np.array([[1.0, 1.0, 5.0, 5.0]])), proc
-        )
+        preprocess_record(_det_record(random_image(w, h, seed=w), np.array([[1.0, 1.0, 5.0, 5.0]])), proc)
         for w, h in [(56, 56), (112, 84)]
     ]
     exs[1].input_ids = exs[1].input_ids[:-3]  # make lengths differ
@@ -174,9 +168,7 @@ def test_out_of_bounds_boxes_clip_with_count_or_raise():
     proc = tiny_processor(max_pixels=28 * 28 * 16)
     img = random_image(100, 80, seed=5)
     boxes = np.array([[-5.0, 10.0, 50.0, 90.0], [10.0, 10.0, 20.0, 20.0]])
-    exs, skips = preprocess_records(
-        [_det_record(img, boxes, sid="oob")], proc, out_of_bounds="clip"
-    )
+    exs, skips = preprocess_records([_det_record(img, boxes, sid="oob")], proc, out_of_bounds="clip")
     assert skips.counts["box_clipped"] == 1 and skips.examples["box_clipped"] == ["oob"]
     rw, rh = exs[0].resized_size
     np.testing.assert_allclose(
@@ -233,8 +225,14 @@ def test_one_ground_truth_type_from_data_to_rewards():
     c = ground_truth_in_model_space(cls, "norm_1000")
     assert c.label == "cat" and c.synonyms == ("kitty",) and c.coord_space is None
     with pytest.raises(ValueError, match=r"c: image_size \(90, 70\) but the ground truth's is \(9, 7\)"):
-        VisualRecord(source_id="c", task="classification", images=[img], problem="p",
-                     ground_truth=GroundTruth(label="cat", image_size=(9, 7)), image_size=(90, 70))
+        VisualRecord(
+            source_id="c",
+            task="classification",
+            images=[img],
+            problem="p",
+            ground_truth=GroundTruth(label="cat", image_size=(9, 7)),
+            image_size=(90, 70),
+        )
 
 
 def test_one_coordinate_module_serves_data_rewards_and_eval():

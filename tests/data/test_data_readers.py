@@ -102,9 +102,7 @@ def test_visual_rft_save_to_disk_parquet_and_dataset_dict(tmp_path):
     _check_visual_rft(read_visual_rft(tmp_path / "hub", coord_space="norm_1000"))
     assert len(read_visual_rft(tmp_path / "hub", coord_space="norm_1000", split="test")) == 1
     _check_visual_rft(
-        read_visual_rft(
-            tmp_path / "hub" / "data" / "train-00000-of-00001.parquet", coord_space="norm_1000"
-        )
+        read_visual_rft(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet", coord_space="norm_1000")
     )
 
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))
@@ -123,9 +121,7 @@ def test_visual_rft_image_paths_and_forced_task(tmp_path):
     ds.save_to_disk(str(tmp_path / "t"))
     rs = read_visual_rft(tmp_path / "t", coord_space="pixels_original", image_root=tmp_path)
     assert rs[0].task == "grounding" and rs[0].images[0] == tmp_path / "imgs" / "a.png"
-    rs = read_visual_rft(
-        tmp_path / "t", coord_space="pixels_original", image_root=tmp_path, task="classification"
-    )
+    rs = read_visual_rft(tmp_path / "t", coord_space="pixels_original", image_root=tmp_path, task="classification")
     assert rs[0].ground_truth.label == "[5, 6, 45, 35]"
 
 
@@ -146,9 +142,7 @@ def test_visual_rft_bad_solution_raises_or_counts(tmp_path):
     ds.save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(DataError, match=r"bad\[train\]\[1\].*4-number position"):
         read_visual_rft(tmp_path / "bad", coord_space="norm_1000", task="detection")
-    rs = read_visual_rft(
-        tmp_path / "bad", coord_space="norm_1000", task="detection", on_error="skip"
-    )
+    rs = read_visual_rft(tmp_path / "bad", coord_space="norm_1000", task="detection", on_error="skip")
     assert len(rs) == 1 and rs.skips.counts == {"unparseable_solution": 1}
 
 
@@ -164,9 +158,7 @@ def test_solution_parsing_variants():
     )
     assert gt.categories == ("cat",) and gt.coord_space == "pixels_resized"
     with pytest.raises(DataError, match="not one box"):
-        parse_visual_rft_solution(
-            "<answer>[1, 2, 3]</answer>", task="grounding", problem="", coord_space="norm_1000"
-        )
+        parse_visual_rft_solution("<answer>[1, 2, 3]</answer>", task="grounding", problem="", coord_space="norm_1000")
 
 
 # ---------------------------------------------------------------- COCO / LVIS
@@ -265,13 +257,9 @@ def test_coco_group_by_image_subsets_and_crowd(tmp_path):
         if len(r.metadata["category_ids"]) > 1:
             assert "'Label'" in r.problem
     assert 999 not in [a for r in rs for a in r.metadata["annotation_ids"]]
-    crowd = read_coco_detection(
-        path, tmp_path / "images", box_space="norm_1000", categories=[1], include_crowd=True
-    )
+    crowd = read_coco_detection(path, tmp_path / "images", box_space="norm_1000", categories=[1], include_crowd=True)
     assert 999 in [a for r in crowd for a in r.metadata["annotation_ids"]]
-    only = read_coco_detection(
-        path, tmp_path / "images", box_space="norm_1000", categories=["car", 7]
-    )
+    only = read_coco_detection(path, tmp_path / "images", box_space="norm_1000", categories=["car", 7])
     assert {c for r in only for c in r.metadata["category_ids"]} <= {3, 7}
     with pytest.raises(DataError, match="unknown categories \\['zebra'\\]"):
         read_coco_detection(path, tmp_path / "images", box_space="norm_1000", categories=["zebra"])
@@ -327,14 +315,16 @@ def test_coco_crowd_regions_kept_apart_from_training_boxes(tmp_path):
     assert cat_b not in r100.metadata["category_ids"]
     (old100,) = [r for r in before_by_image if r.metadata["image_id"] == 100]
     np.testing.assert_array_equal(r100.ground_truth.boxes, old100.ground_truth.boxes)
-    excluded = read_coco_detection(path, tmp_path / "images", box_space="norm_1000", group_by="image",
-                                   exclude_categories=[cat_b])
+    excluded = read_coco_detection(
+        path, tmp_path / "images", box_space="norm_1000", group_by="image", exclude_categories=[cat_b]
+    )
     (r100,) = [r for r in excluded if r.metadata["image_id"] == 100]
     assert r100.ground_truth.crowd_categories == (name[cat_a],)
 
     # the crowd regions survive the box checks of preprocessing (unclipped)
-    checked = check_ground_truth_boxes(r100.ground_truth, width=10, height=10, out_of_bounds="clip",
-                                       on_error="skip", name="x", skips=SkipCounts())
+    checked = check_ground_truth_boxes(
+        r100.ground_truth, width=10, height=10, out_of_bounds="clip", on_error="skip", name="x", skips=SkipCounts()
+    )
     np.testing.assert_array_equal(checked.crowd_boxes, r100.ground_truth.crowd_boxes)
     assert checked.crowd_categories == r100.ground_truth.crowd_categories
     # include_crowd=True: the old behaviour, crowd boxes are ordinary boxes
@@ -347,8 +337,7 @@ def test_coco_crowd_regions_kept_apart_from_training_boxes(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match="bad crowd 'bbox'"):
         read_coco_detection(path, tmp_path / "images", box_space="norm_1000", group_by="image")
-    skipped = read_coco_detection(path, tmp_path / "images", box_space="norm_1000", group_by="image",
-                                  on_error="skip")
+    skipped = read_coco_detection(path, tmp_path / "images", box_space="norm_1000", group_by="image", on_error="skip")
     assert len(skipped) == len(before_by_image) - 1 and skipped.skips.counts["bad_annotation"] == 1
     with pytest.raises(ValueError, match="1 crowd boxes but 0 crowd category names"):
         GroundTruth(boxes=np.zeros((0, 4)), crowd_boxes=np.ones((1, 4)), coord_space="pixels_original")
@@ -365,21 +354,14 @@ def test_image_folder_labels_and_prompt(tmp_path):
         for i in range(3):
             write_image(tmp_path / cls / f"{i}.png", 30 + i, 20 + c, seed=10 * c + i)
     (tmp_path / "wallflower" / "notes.txt").write_text("not an image")
-    rs = read_image_folder(
-        tmp_path, object_type="bird", attribute="species", synonyms={"wallflower": ["erysimum"]}
-    )
+    rs = read_image_folder(tmp_path, object_type="bird", attribute="species", synonyms={"wallflower": ["erysimum"]})
     assert len(rs) == 6
     labels = [r.ground_truth.label for r in rs]
     assert labels == ["black footed albatross"] * 3 + ["wallflower"] * 3
     assert rs[3].ground_truth.synonyms == ("erysimum",)
     assert rs[0].image_size == (30, 20) and rs[5].image_size == (32, 21)
-    assert (
-        "This is an image containing a bird. Please identify the species of the bird"
-        in rs[0].problem
-    )
-    rs2 = read_image_folder(
-        tmp_path, classes=["wallflower"], label_map={"wallflower": "wall flower"}
-    )
+    assert "This is an image containing a bird. Please identify the species of the bird" in rs[0].problem
+    rs2 = read_image_folder(tmp_path, classes=["wallflower"], label_map={"wallflower": "wall flower"})
     assert {r.ground_truth.label for r in rs2} == {"wall flower"}
     with pytest.raises(DataError, match="unknown class folders"):
         read_image_folder(tmp_path, classes=["zebra"])
@@ -423,8 +405,6 @@ def test_lisa_reader_schema(tmp_path):
     path.write_text(json.dumps([{"image": "a.jpg", "query": "q", "bbox": [1, 2, 3, 4]}]))
     with pytest.raises(DataError, match=r"lisa.json\[0\]: unknown keys \['bbox'\]"):
         read_lisa_grounding(path, box_space="norm_1000")
-    path.write_text(
-        json.dumps([{"image": "a.jpg", "query": "q", "box": [1, 2, 3, 4], "image_size": [81, 60]}])
-    )
+    path.write_text(json.dumps([{"image": "a.jpg", "query": "q", "box": [1, 2, 3, 4], "image_size": [81, 60]}]))
     with pytest.raises(DataError, match="differs"):
         read_lisa_grounding(path, box_space="norm_1000")

@@ -22,10 +22,7 @@ def _rewards():
 
 
 def _det_answer(boxes, shift=0.0):
-    items = [
-        f"{{'Position': [{', '.join(str(int(round(v + shift))) for v in b)}], 'Confidence': 0.9}}"
-        for b in boxes
-    ]
+    items = [f"{{'Position': [{', '.join(str(int(round(v + shift))) for v in b)}], 'Confidence': 0.9}}" for b in boxes]
     body = f"[{', '.join(items)}]" if items else "No Objects"
     return f"<think> I see shapes. </think> <answer>{body}</answer>"
 
@@ -42,10 +39,7 @@ def test_detection_and_grounding_answers_from_ground_truth_score_high(box_space)
     gts = [e.ground_truth for e in det]
     assert all(g.coord_space == box_space for g in gts)
     good = [_det_answer(e.ground_truth.boxes) for e in det]
-    bad = [
-        _det_answer(e.ground_truth.boxes, shift=40.0 if box_space == "pixels_resized" else 300.0)
-        for e in det
-    ]
+    bad = [_det_answer(e.ground_truth.boxes, shift=40.0 if box_space == "pixels_resized" else 300.0) for e in det]
     iou = rewards.get_reward("iou").fn
     good_scores = iou(good, gts).scores
     assert float(good_scores.min()) > 0.85, good_scores
@@ -55,14 +49,10 @@ def test_detection_and_grounding_answers_from_ground_truth_score_high(box_space)
     assert has_boxes.any()
     assert float(bad_scores[has_boxes].max()) < 0.5
 
-    grd, _ = preprocess_records(
-        build_synthetic_grounding(3, seed=1, image_size=(150, 110)), proc, box_space=box_space
-    )
+    grd, _ = preprocess_records(build_synthetic_grounding(3, seed=1, image_size=(150, 110)), proc, box_space=box_space)
     ggts = [e.ground_truth for e in grd]
     answers = [
-        "<think>.</think> <answer>["
-        + ", ".join(str(int(round(v))) for v in e.ground_truth.box)
-        + "]</answer>"
+        "<think>.</think> <answer>[" + ", ".join(str(int(round(v))) for v in e.ground_truth.box) + "]</answer>"
         for e in grd
     ]
     scores = rewards.get_reward("grounding_iou").fn(answers, ggts).scores

@@ -9,10 +9,7 @@ from megatron_vrft.data.sampler import PromptBatcher, build_epoch_order
 
 
 def _ranks(dp, **kw):
-    return [
-        PromptBatcher(num_records=23, global_batch_size=6, dp_rank=r, dp_size=dp, seed=11, **kw)
-        for r in range(dp)
-    ]
+    return [PromptBatcher(num_records=23, global_batch_size=6, dp_rank=r, dp_size=dp, seed=11, **kw) for r in range(dp)]
 
 
 def test_shards_partition_each_global_batch_and_epochs_cover_records():
@@ -38,10 +35,7 @@ def test_single_rank_equals_union_of_ranks_and_resume_is_exact():
     single = PromptBatcher(num_records=23, global_batch_size=6, dp_rank=0, dp_size=1, seed=11)
     ranks = _ranks(2)
     for _ in range(5):
-        assert (
-            single.next_indices().tolist()
-            == np.concatenate([b.next_indices() for b in ranks]).tolist()
-        )
+        assert single.next_indices().tolist() == np.concatenate([b.next_indices() for b in ranks]).tolist()
     state = ranks[1].state_dict()
     expected = [ranks[1].next_indices().tolist() for _ in range(4)]
     fresh = PromptBatcher(num_records=23, global_batch_size=6, dp_rank=1, dp_size=2, seed=11)
@@ -57,7 +51,5 @@ def test_validation_and_no_shuffle():
         PromptBatcher(num_records=10, global_batch_size=5, dp_rank=0, dp_size=2, seed=0)
     with pytest.raises(ValueError, match="cannot fill"):
         PromptBatcher(num_records=3, global_batch_size=4, dp_rank=0, dp_size=1, seed=0)
-    b = PromptBatcher(
-        num_records=8, global_batch_size=4, dp_rank=1, dp_size=2, seed=0, shuffle=False
-    )
+    b = PromptBatcher(num_records=8, global_batch_size=4, dp_rank=1, dp_size=2, seed=0, shuffle=False)
     assert b.next_indices().tolist() == [2, 3] and b.next_indices().tolist() == [6, 7]

@@ -23,11 +23,7 @@ def test_sample_k_shot_seeded_exact_k_and_independent_per_class():
     for key, items in groups.items():
         assert len(a[key]) == min(3, len(items))
         assert len(set(a[key])) == len(a[key]) and set(a[key]) <= set(items)
-    picks = {
-        tuple(sorted(v))
-        for seed in range(6)
-        for v in [sample_k_shot(groups, 3, seed=seed)["class_4"]]
-    }
+    picks = {tuple(sorted(v)) for seed in range(6) for v in [sample_k_shot(groups, 3, seed=seed)["class_4"]]}
     assert len(picks) > 1  # different seeds, different picks
     assert sample_k_shot(groups, 3, seed=1) != sample_k_shot(groups, 3, seed=2)
     # Removing a class does not change the pick of the others.
@@ -68,9 +64,7 @@ def _coco(tmp_path, n_images=12):
             )
     path = tmp_path / "ann.json"
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    per_cat = {
-        c["name"]: {a["image_id"] for a in anns if a["category_id"] == c["id"]} for c in cats
-    }
+    per_cat = {c["name"]: {a["image_id"] for a in anns if a["category_id"] == c["id"]} for c in cats}
     return path, per_cat
 
 
@@ -78,9 +72,7 @@ def test_coco_k_shot_exactly_k_images_per_category_seeded(tmp_path):
     path, per_cat = _coco(tmp_path)
 
     def pick(seed, **kw):
-        rs = read_coco_detection(
-            path, tmp_path / "img", box_space="norm_1000", k_shot=3, seed=seed, **kw
-        )
+        rs = read_coco_detection(path, tmp_path / "img", box_space="norm_1000", k_shot=3, seed=seed, **kw)
         out = {}
         for r in rs:
             out.setdefault(r.query, set()).add(r.metadata["image_id"])
@@ -95,9 +87,7 @@ def test_coco_k_shot_exactly_k_images_per_category_seeded(tmp_path):
     # Skip mode: a corrupt image is replaced by the next one in the seeded order.
     victim = sorted(a["cat"])[0]
     truncate_file(tmp_path / "img" / f"{victim}.png")
-    rs = read_coco_detection(
-        path, tmp_path / "img", box_space="norm_1000", k_shot=3, seed=0, on_error="skip"
-    )
+    rs = read_coco_detection(path, tmp_path / "img", box_space="norm_1000", k_shot=3, seed=0, on_error="skip")
     cats_imgs = {r.metadata["image_id"] for r in rs if r.query == "cat"}
     assert len(cats_imgs) == 3 and victim not in cats_imgs
     assert rs.skips.counts["corrupt_image"] >= 1

@@ -34,9 +34,7 @@ def test_scene_boxes_are_exactly_the_changed_pixels():
         ("square", "cyan"),
     ]
     for trial in range(4):
-        scene, bg, objects = compose_scene(
-            rng, specs[: 2 + trial], size=(200, 150), background="photo"
-        )
+        scene, bg, objects = compose_scene(rng, specs[: 2 + trial], size=(200, 150), background="photo")
         s, b = np.asarray(scene), np.asarray(bg)
         h, w = s.shape[:2]
         for o in objects:
@@ -63,9 +61,7 @@ def test_detection_ground_truth_and_determinism(tmp_path):
     for ra, rb in zip(a, b):
         assert ra.problem == rb.problem
         np.testing.assert_array_equal(ra.ground_truth.boxes, rb.ground_truth.boxes)
-        assert np.array_equal(
-            np.asarray(load_image(ra.images[0])), np.asarray(load_image(rb.images[0]))
-        )
+        assert np.array_equal(np.asarray(load_image(ra.images[0])), np.asarray(load_image(rb.images[0])))
         objs = ra.metadata["objects"]
         exp = [o.box for o in objs if o.shape == ra.query]
         np.testing.assert_array_equal(ra.ground_truth.boxes, np.asarray(exp).reshape(-1, 4))
@@ -114,10 +110,7 @@ def test_classification_photos_and_shapes_preprocess():
         "flower",
     ]
     again = build_synthetic_classification(6, seed=1, kind="photo")
-    assert all(
-        np.array_equal(np.asarray(x.images[0]), np.asarray(y.images[0]))
-        for x, y in zip(photos, again)
-    )
+    assert all(np.array_equal(np.asarray(x.images[0]), np.asarray(y.images[0])) for x, y in zip(photos, again))
     # Different classes are different photographs (a crude but real check of the labels).
     means = [np.asarray(r.images[0], dtype=np.float64).mean(axis=(0, 1)) for r in photos]
     assert min(np.abs(means[i] - means[j]).sum() for i in range(6) for j in range(i)) > 1.0
@@ -131,6 +124,4 @@ def test_classification_photos_and_shapes_preprocess():
     ]
     proc = tiny_processor(max_pixels=28 * 28 * 16)
     ex = preprocess_record(shapes[0], proc)
-    assert ex.ground_truth.label == "circle" and ex.pixel_values.shape[0] == int(
-        ex.image_grid_thw.prod()
-    )
+    assert ex.ground_truth.label == "circle" and ex.pixel_values.shape[0] == int(ex.image_grid_thw.prod())

@@ -45,17 +45,13 @@ def test_think_answer_text_round_trips_and_specials_are_not_split():
     assert toks[0] == "<|im_start|>" and "<|im_end|>" in toks
     # Digits are split one by one, as in Qwen2's pre-tokenizer.
     assert all(len(t) == 1 for t in toks if t.isdigit())
-    image = tok(
-        "<|vision_start|><|image_pad|><|image_pad|><|vision_end|>", add_special_tokens=False
-    )
+    image = tok("<|vision_start|><|image_pad|><|image_pad|><|vision_end|>", add_special_tokens=False)
     assert len(image["input_ids"]) == 4
 
 
 def test_chat_template_renders_qwen2vl_layout():
     tok = tiny_tokenizer()
-    text = tok.apply_chat_template(
-        build_chat_messages("Which shape?", 2), tokenize=False, add_generation_prompt=True
-    )
+    text = tok.apply_chat_template(build_chat_messages("Which shape?", 2), tokenize=False, add_generation_prompt=True)
     assert text == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"

@@ -191,9 +191,14 @@ def test_schedule_without_pipelining_runs_on_cpu(one_rank_world):
         return out, lambda o: (o, torch.tensor(1, dtype=torch.int), {"out": o.detach().clone()})
 
     results = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(data), model=[model], num_microbatches=2,
-        seq_length=1, micro_batch_size=1, forward_only=False,
-    )  # fmt: skip
+        forward_step_func=step,
+        data_iterator=iter(data),
+        model=[model],
+        num_microbatches=2,
+        seq_length=1,
+        micro_batch_size=1,
+        forward_only=False,
+    )
     assert [r["out"].item() for r in results] == [-1.0, 0.5]
     # Loss per micro-batch / num_tokens (1) / num_microbatches (2): grad = sum(x) / 2.
     torch.testing.assert_close(model.w.grad, torch.tensor([0.75, 1.75]))
@@ -227,13 +232,22 @@ def test_tied_embedding_setup_without_cuda(one_rank_world):
     # pipeline_model_parallel_size=2 in the config (first stage only, pre_process without
     # post_process) takes the tied-embedding all-reduce branch in this 1-rank world.
     config = TransformerConfig(
-        num_layers=2, hidden_size=8, num_attention_heads=2, use_cpu_initialization=True,
-        pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
-    )  # fmt: skip
+        num_layers=2,
+        hidden_size=8,
+        num_attention_heads=2,
+        use_cpu_initialization=True,
+        pipeline_model_parallel_size=2,
+        pipeline_dtype=torch.float32,
+    )
     model = GPTModel(
-        config, get_gpt_layer_local_spec(), vocab_size=16, max_sequence_length=8,
-        pre_process=True, post_process=False, share_embeddings_and_output_weights=True,
-    )  # fmt: skip
+        config,
+        get_gpt_layer_local_spec(),
+        vocab_size=16,
+        max_sequence_length=8,
+        pre_process=True,
+        post_process=False,
+        share_embeddings_and_output_weights=True,
+    )
     weight = model.embedding.word_embeddings.weight
     assert weight.device == CPU
     assert getattr(weight, "shared_embedding", False)
@@ -265,7 +279,6 @@ def test_megatron_ddp_and_optimizer_step_match_torch_adamw():
     """Patches 10-11: megatron's DDP buffers and optimizer (with gradient clipping) run on CPU and
     take the same step as torch.optim.AdamW + clip_grad_norm_ on a copy of the model."""
 
-
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -282,8 +295,17 @@ def test_megatron_ddp_and_optimizer_step_match_torch_adamw():
         inputs = build_padded_inputs(source.arch, ids, torch.ones_like(ids)).forward_kwargs()
         ddp = DistributedDataParallel(policy.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), policy)
         opt = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=1e-2, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0,
-                            clip_grad=0.05, params_dtype=torch.float32), [ddp])  # fmt: skip
+            OptimizerConfig(
+                optimizer="adam",
+                lr=1e-2,
+                adam_beta1=0.9,
+                adam_beta2=0.99,
+                weight_decay=0.0,
+                clip_grad=0.05,
+                params_dtype=torch.float32,
+            ),
+            [ddp],
+        )
         ddp.zero_grad_buffer()
         ddp(**inputs).logsumexp(-1).mean().backward()
         ddp.finish_grad_sync()

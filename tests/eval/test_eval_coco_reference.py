@@ -2,10 +2,11 @@
 
 A synthetic COCO instance file (images of many sizes and aspect ratios, crowd regions) goes through
 the COCO reader, the one ``GroundTruth`` mapped into the model's space
-(``ground_truth_in_model_space``, crowd regions included) and ``evaluate_completions``; completions answer in the model's box space with case/punctuation
-variants of the category names. The reference builds COCOeval straight from the instance JSON and
-the answers' boxes mapped back to original pixels by this file's own arithmetic, with category ids
-known from how each answer was generated (not from parsing its label).
+(``ground_truth_in_model_space``, crowd regions included) and ``evaluate_completions``; completions
+answer in the model's box space with case/punctuation variants of the category names. The reference
+builds COCOeval straight from the instance JSON and the answers' boxes mapped back to original pixels
+by this file's own arithmetic, with category ids known from how each answer was generated (not from
+parsing its label).
 """
 
 from __future__ import annotations
@@ -34,8 +35,20 @@ VARIANTS = {
 }
 NAMES = {c["id"]: c["name"] for c in CATEGORIES}
 # (width, height): tall, wide, square, tiny, large
-SIZES = [(640, 480), (480, 640), (1000, 90), (90, 700), (333, 333), (1280, 720), (57, 211),
-         (800, 120), (250, 900), (1500, 1000), (700, 350), (120, 1100)]
+SIZES = [
+    (640, 480),
+    (480, 640),
+    (1000, 90),
+    (90, 700),
+    (333, 333),
+    (1280, 720),
+    (57, 211),
+    (800, 120),
+    (250, 900),
+    (1500, 1000),
+    (700, 350),
+    (120, 1100),
+]
 
 
 def _box_in(rng, x0, y0, x1, y1, min_frac=0.15, max_frac=0.6):
@@ -75,9 +88,16 @@ def make_dataset(tmp_path, seed=0):
         for k in range(int(rng.integers(1, 5))):
             cat = [1, 4, 9][(i + k) % 3] if k < 2 else [1, 4, 9][int(rng.integers(3))]
             box = _box_in(rng, 0, 0, w, h)
-            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": cat, "iscrowd": 0,
-                         "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
-                         "area": (box[2] - box[0]) * (box[3] - box[1])})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": img_id,
+                    "category_id": cat,
+                    "iscrowd": 0,
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    "area": (box[2] - box[0]) * (box[3] - box[1]),
+                }
+            )
             if rng.random() < 0.85:
                 bw, bh = box[2] - box[0], box[3] - box[1]
                 jit = np.array([bw, bh, bw, bh]) * rng.normal(0, 0.08, 4)
@@ -88,9 +108,16 @@ def make_dataset(tmp_path, seed=0):
         if i % 2 == 0:
             cat = [1, 4, 9][i % 3] if i % 4 == 0 else [9, 1, 4][i % 3]
             region = _box_in(rng, 0, 0, w, h, 0.4, 0.8)
-            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": cat, "iscrowd": 1,
-                         "bbox": [region[0], region[1], region[2] - region[0], region[3] - region[1]],
-                         "area": (region[2] - region[0]) * (region[3] - region[1])})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": img_id,
+                    "category_id": cat,
+                    "iscrowd": 1,
+                    "bbox": [region[0], region[1], region[2] - region[0], region[3] - region[1]],
+                    "area": (region[2] - region[0]) * (region[3] - region[1]),
+                }
+            )
             for _ in range(int(rng.integers(1, 4))):
                 preds[img_id].append((_box_in(rng, *region, 0.2, 0.5), score(9000, 10000), cat, label(cat)))
         # false positives of any category
@@ -142,11 +169,12 @@ def reference_coco_eval(data, dets, *, with_crowd=True):
         coco_gt = COCO()
         coco_gt.dataset = gt_data
         coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes([
-            {"image_id": img_id, "category_id": cat, "score": s,
-             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
-            for img_id, b, s, cat in dets
-        ])
+        coco_dt = coco_gt.loadRes(
+            [
+                {"image_id": img_id, "category_id": cat, "score": s, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
+                for img_id, b, s, cat in dets
+            ]
+        )
         ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
         ev.evaluate()
         ev.accumulate()
@@ -227,9 +255,16 @@ def test_case_variant_labels_score_like_pycocotools():
         data["images"].append({"id": i + 1, "width": w, "height": h})
         gt_boxes = [_box_in(rng, 0, 0, w, h) for _ in range(2)]
         for b in gt_boxes:
-            data["annotations"].append({"id": len(data["annotations"]) + 1, "image_id": i + 1, "category_id": 1,
-                                        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "iscrowd": 0,
-                                        "area": (b[2] - b[0]) * (b[3] - b[1])})
+            data["annotations"].append(
+                {
+                    "id": len(data["annotations"]) + 1,
+                    "image_id": i + 1,
+                    "category_id": 1,
+                    "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                    "iscrowd": 0,
+                    "area": (b[2] - b[0]) * (b[3] - b[1]),
+                }
+            )
         entries = []
         for b in gt_boxes[:1] + [_box_in(rng, 0, 0, w, h)]:
             b = [float(f"{v:.3f}") for v in b]
@@ -237,8 +272,14 @@ def test_case_variant_labels_score_like_pycocotools():
             entries.append((b, s, "Cat"))
             dets.append((i + 1, b, s, 1))
         completions.append(completion(entries))
-        gts.append({"boxes": np.asarray(gt_boxes), "categories": ("cat", "cat"), "coord_space": "pixels_original",
-                    "image_size": (w, h)})
+        gts.append(
+            {
+                "boxes": np.asarray(gt_boxes),
+                "categories": ("cat", "cat"),
+                "coord_space": "pixels_original",
+                "image_size": (w, h),
+            }
+        )
     ours = evaluate_detection(completions, gts)
     ref = reference_coco_eval(data, dets)
     assert ours["mAP"] - ref["mAP"] == 0.0 and ours["AP50"] - ref["AP50"] == 0.0
@@ -253,9 +294,17 @@ def test_crowd_region_detection_is_ignored_not_false_positive():
 
     def img(crowd_boxes, crowd_categories):
         return ImageDetections(
-            image_id=1, width=200, height=200, gt_boxes=gt, gt_categories=["Cat"],
-            pred_boxes=np.concatenate([on_crowd, gt]), pred_scores=np.array([0.9, 0.5]),
-            pred_categories=["CAT", "cat"], crowd_boxes=crowd_boxes, crowd_categories=crowd_categories)
+            image_id=1,
+            width=200,
+            height=200,
+            gt_boxes=gt,
+            gt_categories=["Cat"],
+            pred_boxes=np.concatenate([on_crowd, gt]),
+            pred_scores=np.array([0.9, 0.5]),
+            pred_categories=["CAT", "cat"],
+            crowd_boxes=crowd_boxes,
+            crowd_categories=crowd_categories,
+        )
 
     with_crowd = compute_box_map([img(crowd, ["cat"])], ["cat"])
     without = compute_box_map([img(np.zeros((0, 4)), [])], ["cat"])
@@ -267,9 +316,16 @@ def test_crowd_region_detection_is_ignored_not_false_positive():
 
 
 def test_category_and_crowd_input_errors():
-    img = ImageDetections(image_id=1, width=10, height=10, gt_boxes=np.array([[1, 1, 5, 5.0]]),
-                          gt_categories=["cat"], pred_boxes=np.zeros((0, 4)), pred_scores=np.zeros(0),
-                          pred_categories=[])
+    img = ImageDetections(
+        image_id=1,
+        width=10,
+        height=10,
+        gt_boxes=np.array([[1, 1, 5, 5.0]]),
+        gt_categories=["cat"],
+        pred_boxes=np.zeros((0, 4)),
+        pred_scores=np.zeros(0),
+        pred_categories=[],
+    )
     with pytest.raises(ValueError, match="'cat' and 'Cat' are the same category"):
         compute_box_map([img], ["cat", "Cat"])
     img.crowd_boxes = np.array([[0, 0, 3, 3.0]])
@@ -278,8 +334,13 @@ def test_category_and_crowd_input_errors():
     img.crowd_categories = ["zebra"]
     with pytest.raises(ValueError, match="crowd-region category 'zebra'"):
         compute_box_map([img], ["cat"])
-    gt = {"boxes": np.array([[1, 1, 5, 5.0]]), "categories": ("cat",), "coord_space": "pixels_original",
-          "crowd_boxes": np.array([[0, 0, 3, 3.0]]), "crowd_categories": ("cat", "dog")}
+    gt = {
+        "boxes": np.array([[1, 1, 5, 5.0]]),
+        "categories": ("cat",),
+        "coord_space": "pixels_original",
+        "crowd_boxes": np.array([[0, 0, 3, 3.0]]),
+        "crowd_categories": ("cat", "dog"),
+    }
     with pytest.raises(ValueError, match="one category per crowd box"):
         evaluate_detection(["<answer>[]</answer>"], [gt])
     gt["crowd_boxes"], gt["crowd_categories"] = np.array([[3, 0, 1, 3.0]]), ("cat",)
@@ -288,8 +349,14 @@ def test_category_and_crowd_input_errors():
 
 
 def test_crowd_regions_map_into_the_model_space_with_the_ground_truth():
-    gt = GroundTruth(boxes=np.zeros((0, 4)), categories=(), crowd_boxes=np.array([[100.0, 50.0, 200.0, 100.0]]),
-                     crowd_categories=["cat"], coord_space="pixels_original", image_size=(400, 100))
+    gt = GroundTruth(
+        boxes=np.zeros((0, 4)),
+        categories=(),
+        crowd_boxes=np.array([[100.0, 50.0, 200.0, 100.0]]),
+        crowd_categories=["cat"],
+        coord_space="pixels_original",
+        image_size=(400, 100),
+    )
     out = gt.in_space("pixels_resized", resized_size=(56, 28))
     np.testing.assert_allclose(out.crowd_boxes, [[14.0, 14.0, 28.0, 28.0]])
     assert out.crowd_categories == ("cat",) and out.resized_size == (56, 28)

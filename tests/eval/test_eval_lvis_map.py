@@ -27,15 +27,23 @@ def synthetic_lvis(seed: int):
         absent = [c for c in range(1, len(NAMES) + 1) if c not in present]
         neg = sorted(int(c) for c in rng.choice(absent, size=3, replace=False))
         not_exh = [int(present[0])] if rng.random() < 0.4 else []
-        images.append({"id": img_id, "width": w, "height": h, "neg_category_ids": neg,
-                       "not_exhaustive_category_ids": not_exh})
+        images.append(
+            {"id": img_id, "width": w, "height": h, "neg_category_ids": neg, "not_exhaustive_category_ids": not_exh}
+        )
         gt_xyxy, gt_names, pred_xyxy, pred_names, scores = [], [], [], [], []
         for c in present:
             for _ in range(int(rng.integers(1, 4))):
                 x1, y1 = rng.uniform(0, w * 0.7), rng.uniform(0, h * 0.7)
                 x2, y2 = rng.uniform(x1 + 4, w), rng.uniform(y1 + 4, h)
-                anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": int(c),
-                             "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": img_id,
+                        "category_id": int(c),
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "area": (x2 - x1) * (y2 - y1),
+                    }
+                )
                 gt_xyxy.append([x1, y1, x2, y2])
                 gt_names.append(NAMES[c - 1])
                 if rng.random() < 0.8:  # a detection near it
@@ -51,11 +59,26 @@ def synthetic_lvis(seed: int):
             pred_names.append(NAMES[c - 1])
             scores.append(float(rng.uniform(0, 1)))
         for box, name, score in zip(pred_xyxy, pred_names, scores):
-            dets.append({"image_id": img_id, "category_id": NAMES.index(name.lower()) + 1,
-                         "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})
-        per_image.append(dict(image_id=img_id, width=w, height=h, gt_boxes=np.array(gt_xyxy),
-                              gt_categories=gt_names, pred_boxes=np.array(pred_xyxy).reshape(-1, 4),
-                              pred_scores=np.array(scores), pred_categories=pred_names))
+            dets.append(
+                {
+                    "image_id": img_id,
+                    "category_id": NAMES.index(name.lower()) + 1,
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    "score": score,
+                }
+            )
+        per_image.append(
+            dict(
+                image_id=img_id,
+                width=w,
+                height=h,
+                gt_boxes=np.array(gt_xyxy),
+                gt_categories=gt_names,
+                pred_boxes=np.array(pred_xyxy).reshape(-1, 4),
+                pred_scores=np.array(scores),
+                pred_categories=pred_names,
+            )
+        )
     return {"images": images, "annotations": anns, "categories": cats}, dets, per_image
 
 
@@ -87,15 +110,24 @@ def test_compute_lvis_map_equals_official_lvis_eval(seed, tmp_path, monkeypatch)
     assert 0 < got["AP"] < 1
     assert len({round(got[k], 6) for k in ("APr", "APc", "APf")}) == 3  # the groups differ
     # the federated fields change the result (so they are really passed through)
-    plain = compute_lvis_map([ImageDetections(**d) for d in per_image],
-                             LvisLabels(frequency=labels.frequency, neg_categories=labels.neg_categories))
+    plain = compute_lvis_map(
+        [ImageDetections(**d) for d in per_image],
+        LvisLabels(frequency=labels.frequency, neg_categories=labels.neg_categories),
+    )
     assert plain != got
 
 
 def test_compute_lvis_map_rejects_unknown_frequency():
-    img = ImageDetections(image_id=1, width=10, height=10, gt_boxes=np.array([[0, 0, 5, 5]]),
-                          gt_categories=["cat"], pred_boxes=np.zeros((0, 4)), pred_scores=np.zeros(0),
-                          pred_categories=[])
+    img = ImageDetections(
+        image_id=1,
+        width=10,
+        height=10,
+        gt_boxes=np.array([[0, 0, 5, 5]]),
+        gt_categories=["cat"],
+        pred_boxes=np.zeros((0, 4)),
+        pred_scores=np.zeros(0),
+        pred_categories=[],
+    )
     with pytest.raises(ValueError, match="frequency"):
         compute_lvis_map([img], LvisLabels(frequency={"cat": "x"}))
     with pytest.raises(ValueError, match="no frequency"):
@@ -113,11 +145,23 @@ def test_evaluate_detection_from_completions_reports_official_lvis_numbers(tmp_p
             b = [float(f"{v:.3f}") for v in box]
             s = float(f"{score:.4f}")
             items.append(f"{{'Position': {b}, 'Confidence': {s}, 'Label': '{name}'}}")
-            dets.append({"image_id": d["image_id"], "category_id": NAMES.index(name.lower()) + 1,
-                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s})
+            dets.append(
+                {
+                    "image_id": d["image_id"],
+                    "category_id": NAMES.index(name.lower()) + 1,
+                    "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                    "score": s,
+                }
+            )
         completions.append(f"<think>t</think><answer>[{', '.join(items)}]</answer>")
-        gts.append({"boxes": d["gt_boxes"], "categories": tuple(d["gt_categories"]),
-                    "coord_space": "pixels_original", "image_size": (d["width"], d["height"])})
+        gts.append(
+            {
+                "boxes": d["gt_boxes"],
+                "categories": tuple(d["gt_categories"]),
+                "coord_space": "pixels_original",
+                "image_size": (d["width"], d["height"]),
+            }
+        )
     path = tmp_path / "lvis_file.json"
     path.write_text(json.dumps(gt))
     labels = lvis_labels_from_file(path, [img["id"] for img in gt["images"]])

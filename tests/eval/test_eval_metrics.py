@@ -70,10 +70,18 @@ def test_ap50_matches_independent_definition(seed):
         noisy = keep + rng.normal(0, 6, size=keep.shape)
         noisy[:, 2:] = np.maximum(noisy[:, 2:], noisy[:, :2] + 1)
         preds = np.concatenate([noisy, random_boxes(rng, int(rng.integers(0, 3)))])
-        images.append(ImageDetections(
-            image_id=i + 1, width=200, height=200, gt_boxes=gt, gt_categories=["obj"] * len(gt),
-            pred_boxes=preds, pred_scores=rng.random(len(preds)), pred_categories=["obj"] * len(preds),
-        ))
+        images.append(
+            ImageDetections(
+                image_id=i + 1,
+                width=200,
+                height=200,
+                gt_boxes=gt,
+                gt_categories=["obj"] * len(gt),
+                pred_boxes=preds,
+                pred_scores=rng.random(len(preds)),
+                pred_categories=["obj"] * len(preds),
+            )
+        )
     result = compute_box_map(images, ["obj"])
     assert result["AP50"] == pytest.approx(independent_ap(images, 0.5), abs=1e-9)
     assert result["AP75"] == pytest.approx(independent_ap(images, 0.75), abs=1e-9)
@@ -85,11 +93,18 @@ def test_perfect_predictions_score_one_and_hallucinated_category_ignored():
     images = []
     for i in range(3):
         gt = random_boxes(rng, 2)
-        images.append(ImageDetections(
-            image_id=i + 1, width=200, height=200, gt_boxes=gt, gt_categories=["cat", "dog"],
-            pred_boxes=np.concatenate([gt, gt[:1]]), pred_scores=np.array([0.9, 0.8, 0.1]),
-            pred_categories=["cat", "dog", "unicorn"],
-        ))
+        images.append(
+            ImageDetections(
+                image_id=i + 1,
+                width=200,
+                height=200,
+                gt_boxes=gt,
+                gt_categories=["cat", "dog"],
+                pred_boxes=np.concatenate([gt, gt[:1]]),
+                pred_scores=np.array([0.9, 0.8, 0.1]),
+                pred_categories=["cat", "dog", "unicorn"],
+            )
+        )
     result = compute_box_map(images, ["cat", "dog"])
     assert result["mAP"] == pytest.approx(1.0)
     assert result["per_category"] == {"cat": pytest.approx(1.0), "dog": pytest.approx(1.0)}
@@ -102,13 +117,29 @@ def test_lvis_federated_filter_ignores_unverified_categories():
 
     def build(neg):
         return [
-            ImageDetections(image_id=1, width=200, height=200, gt_boxes=gt1, gt_categories=["cat"],
-                            pred_boxes=gt1, pred_scores=np.array([0.5]), pred_categories=["cat"]),
+            ImageDetections(
+                image_id=1,
+                width=200,
+                height=200,
+                gt_boxes=gt1,
+                gt_categories=["cat"],
+                pred_boxes=gt1,
+                pred_scores=np.array([0.5]),
+                pred_categories=["cat"],
+            ),
             # image 2 has a dog; a high-scoring 'cat' box there is a false positive only if 'cat'
             # was verified absent (neg) on image 2
-            ImageDetections(image_id=2, width=200, height=200, gt_boxes=gt2, gt_categories=["dog"],
-                            pred_boxes=np.concatenate([gt2, far]), pred_scores=np.array([0.9, 0.95]),
-                            pred_categories=["dog", "cat"], neg_categories=neg),
+            ImageDetections(
+                image_id=2,
+                width=200,
+                height=200,
+                gt_boxes=gt2,
+                gt_categories=["dog"],
+                pred_boxes=np.concatenate([gt2, far]),
+                pred_scores=np.array([0.9, 0.95]),
+                pred_categories=["dog", "cat"],
+                neg_categories=neg,
+            ),
         ]
 
     coco = compute_box_map(build([]), ["cat", "dog"], protocol="coco")
@@ -122,9 +153,16 @@ def test_lvis_federated_filter_ignores_unverified_categories():
 def test_map_errors_and_empty_predictions():
     with pytest.raises(ValueError, match="at least one image"):
         compute_box_map([], ["a"])
-    img = ImageDetections(image_id=1, width=10, height=10, gt_boxes=np.array([[1, 1, 5, 5.0]]),
-                          gt_categories=["zebra"], pred_boxes=np.zeros((0, 4)), pred_scores=np.zeros(0),
-                          pred_categories=[])
+    img = ImageDetections(
+        image_id=1,
+        width=10,
+        height=10,
+        gt_boxes=np.array([[1, 1, 5, 5.0]]),
+        gt_categories=["zebra"],
+        pred_boxes=np.zeros((0, 4)),
+        pred_scores=np.zeros(0),
+        pred_categories=[],
+    )
     with pytest.raises(ValueError, match="'zebra'"):
         compute_box_map([img], ["a"])
     img.gt_categories = ["a"]
@@ -145,14 +183,18 @@ def test_grounding_metrics_match_float64_loop():
     for p, g, v in zip(pred.tolist(), gt.tolist(), valid.tolist()):
         area_g = (g[2] - g[0]) * (g[3] - g[1])
         if not v:
-            ious.append(0.0); inters.append(0.0); unions.append(area_g)
+            ious.append(0.0)
+            inters.append(0.0)
+            unions.append(area_g)
             continue
         iw = max(0.0, min(p[2], g[2]) - max(p[0], g[0]))
         ih = max(0.0, min(p[3], g[3]) - max(p[1], g[1]))
         area_p = max(0.0, p[2] - p[0]) * max(0.0, p[3] - p[1])
         inter = iw * ih
         union = area_p + area_g - inter
-        ious.append(inter / union); inters.append(inter); unions.append(union)
+        ious.append(inter / union)
+        inters.append(inter)
+        unions.append(union)
     assert out["mIoU"] == pytest.approx(sum(ious) / n, rel=1e-12)
     assert out["cIoU"] == pytest.approx(sum(inters) / sum(unions), rel=1e-12)
     assert out["Acc@0.5"] == pytest.approx(sum(i > 0.5 for i in ious) / n)
@@ -175,8 +217,13 @@ def grounding_reference(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray, t: 
     giou = iou - np.divide(enclosing - union, enclosing, out=np.zeros_like(inter), where=enclosing > 0)
     iou, giou = np.where(valid, iou, 0.0), np.where(valid, giou, -1.0)
     inter, union = np.where(valid, inter, 0.0), np.where(valid, union, area(gt))
-    return {"mIoU": iou.mean(), "mGIoU": giou.mean(), "cIoU": inter.sum() / union.sum(),
-            f"Acc@{t:g}": (iou > t).mean(), "num_unparsed": float((~valid).sum())}
+    return {
+        "mIoU": iou.mean(),
+        "mGIoU": giou.mean(),
+        "cIoU": inter.sum() / union.sum(),
+        f"Acc@{t:g}": (iou > t).mean(),
+        "num_unparsed": float((~valid).sum()),
+    }
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -196,8 +243,7 @@ def test_grounding_metrics_match_numpy_formula(seed):
 
 def test_grounding_giou_orders_misses_by_distance():
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 3, dtype=torch.float64)
-    pred = torch.tensor([[11.0, 0.0, 21.0, 10.0], [50.0, 0.0, 60.0, 10.0], [0.0, 0.0, 10.0, 10.0]],
-                        dtype=torch.float64)
+    pred = torch.tensor([[11.0, 0.0, 21.0, 10.0], [50.0, 0.0, 60.0, 10.0], [0.0, 0.0, 10.0, 10.0]], dtype=torch.float64)
     near = compute_grounding_metrics(pred[:1], gt[:1])
     far = compute_grounding_metrics(pred[1:2], gt[1:2])
     assert near["mIoU"] == far["mIoU"] == 0.0 and near["mGIoU"] > far["mGIoU"] > -1.0

@@ -75,7 +75,9 @@ def test_ranks_answer_disjoint_shares_and_merge(tmp_path):
     for rank in range(world):
         engine = EchoEngine()
         part = generate_predictions(engine, EXAMPLES, None, tmp_path, rank=rank, world=world, batch_size=2)
-        assert part == prediction_part_path(tmp_path, rank=rank, world=world) == tmp_path / f"predictions.rank{rank}.jsonl"
+        assert (
+            part == prediction_part_path(tmp_path, rank=rank, world=world) == tmp_path / f"predictions.rank{rank}.jsonl"
+        )
         assert [sid for ids, _, _ in engine.calls for sid in ids] == [f"r{i}" for i in range(rank, 7, world)]
     merged = merge_prediction_parts(tmp_path, world)
     assert merged == tmp_path / "predictions.jsonl"

@@ -17,8 +17,9 @@ Completions follow the Visual-RFT answer formats. Coordinates are rounded to int
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

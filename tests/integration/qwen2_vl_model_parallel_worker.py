@@ -74,22 +74,45 @@ def build_hf_model(family: str):
     )
 
     text = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    )  # fmt: skip
-    common = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART,
-                  vision_end_token_id=VEND)  # fmt: skip
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    common = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
     if family == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
-                      patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
         cfg = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **common)
         cls = Qwen2VLForConditionalGeneration
     else:
-        vision = dict(depth=2, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=2,
-                      patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2,
-                      window_size=16, fullatt_block_indexes=[1])  # fmt: skip
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=48,
+            out_hidden_size=64,
+            num_heads=2,
+            patch_size=PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=16,
+            fullatt_block_indexes=[1],
+        )
         # Qwen2.5-VL-3B ties its embeddings: exercise the tied path (and its PP gradient sync).
         cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **common)
         cls = Qwen2_5_VLForConditionalGeneration
@@ -157,11 +180,20 @@ def build_micro_batches(arch):
     targets = torch.roll(ids, -1, dims=1)
     loss_mask = torch.ones_like(ids, dtype=torch.float)
     loss_mask[0, cu[1:] - 1] = 0  # no target across a sequence boundary
-    batches.insert(2, dict(
-        input_ids=ids, position_ids=pos, attention_mask=build_packed_attention_mask(cu),
-        grid=torch.tensor(g2), pixels=pixels(gen, g2), targets=targets, loss_mask=loss_mask,
-        cu_seqlens=cu, seqs=seqs,
-    ))  # fmt: skip
+    batches.insert(
+        2,
+        dict(
+            input_ids=ids,
+            position_ids=pos,
+            attention_mask=build_packed_attention_mask(cu),
+            grid=torch.tensor(g2),
+            pixels=pixels(gen, g2),
+            targets=targets,
+            loss_mask=loss_mask,
+            cu_seqlens=cu,
+            seqs=seqs,
+        ),
+    )
     return batches
 
 
@@ -193,17 +225,25 @@ def hf_logits(hf, arch, b) -> torch.Tensor:
     """HF logits (B, S, V) of a micro-batch; a packed row runs sequence by sequence."""
     if "cu_seqlens" not in b:
         return hf(
-            input_ids=b["input_ids"], attention_mask=b["pad_mask"], pixel_values=b["pixels"],
-            image_grid_thw=b["grid"], mm_token_type_ids=compute_mm_token_type_ids(arch, b["input_ids"]),
-        ).logits  # fmt: skip
+            input_ids=b["input_ids"],
+            attention_mask=b["pad_mask"],
+            pixel_values=b["pixels"],
+            image_grid_thw=b["grid"],
+            mm_token_type_ids=compute_mm_token_type_ids(arch, b["input_ids"]),
+        ).logits
     outs, patch_start = [], 0
     for seq, grid in zip(b["seqs"], b["grid"]):
         n = int(grid.prod())
         ids = seq[None]
-        outs.append(hf(
-            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=b["pixels"][patch_start:patch_start + n],
-            image_grid_thw=grid[None], mm_token_type_ids=compute_mm_token_type_ids(arch, ids),
-        ).logits)  # fmt: skip
+        outs.append(
+            hf(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=b["pixels"][patch_start : patch_start + n],
+                image_grid_thw=grid[None],
+                mm_token_type_ids=compute_mm_token_type_ids(arch, ids),
+            ).logits
+        )
         patch_start += n
     return torch.cat(outs, dim=1)
 
@@ -263,9 +303,12 @@ def run_layout(family, hf, cfg, arch, batches, ref, tp, pp, vpp) -> dict:
     def forward_step(data_iterator, model):
         b = next(data_iterator)
         out = model(
-            b["input_ids"], b["position_ids"], b["attention_mask"],
-            pixel_values=b["pixels"], image_grid_thw=b["grid"],
-        )  # fmt: skip
+            b["input_ids"],
+            b["position_ids"],
+            b["attention_mask"],
+            pixel_values=b["pixels"],
+            image_grid_thw=b["grid"],
+        )
 
         def loss_func(logits):
             lp, ent = compute_token_logprobs(

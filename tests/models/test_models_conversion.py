@@ -37,15 +37,27 @@ CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VL
 
 def tiny_config(family: str, *, tie: bool, vocab: int = 250):
     text = dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-    )  # fmt: skip
+    )
     if family == "qwen2_vl":
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4)
         return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
-                  patch_size=4, fullatt_block_indexes=[1], window_size=16)  # fmt: skip
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=4,
+        fullatt_block_indexes=[1],
+        window_size=16,
+    )
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie)
 
 
@@ -104,8 +116,9 @@ def test_reading_at_another_tp_pp_is_bit_exact(workdir, family, tie):
         for tp_rank in range(tp):
             for pp_rank in range(pp):
                 got = reader.load_shard(tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank, pp_size=pp)
-                want = hf_to_megatron_shard(src, reader.arch, tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank,
-                                            pp_size=pp, vocab_padded_size=256)  # fmt: skip
+                want = hf_to_megatron_shard(
+                    src, reader.arch, tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank, pp_size=pp, vocab_padded_size=256
+                )
                 assert got.keys() == want.keys()
                 assert all(torch.equal(got[k], want[k]) for k in got), (tp, pp, tp_rank, pp_rank)
     # Re-chunk TP=2 -> TP=1 on disk with no vocabulary padding; contents unchanged.
@@ -122,7 +135,11 @@ def test_reading_at_another_tp_pp_is_bit_exact(workdir, family, tie):
 def one_rank_world():
     import torch.distributed as dist
 
-    from megatron_vrft.distributed.parallel_state import ParallelLayout, destroy_model_parallel, initialize_model_parallel
+    from megatron_vrft.distributed.parallel_state import (
+        ParallelLayout,
+        destroy_model_parallel,
+        initialize_model_parallel,
+    )
 
     owned = not dist.is_initialized()
     if owned:
@@ -147,8 +164,13 @@ def test_megatron_core_loads_and_saves_the_format(workdir, one_rank_world, famil
     mg = os.path.join(workdir, f"mg-mcore-{family}")
     convert_hf_to_megatron(hf, mg, tp_size=2, progress=False)  # written as TP=2 chunks, read at TP=1
     arch = as_arch(HfCheckpointReader(hf).config())
-    policy = Qwen2VLPolicy(arch, build_transformer_config(arch, Qwen2VLParallelism()), pre_process=True,
-                           post_process=True, layer_spec=build_layer_spec(use_te=False))  # fmt: skip
+    policy = Qwen2VLPolicy(
+        arch,
+        build_transformer_config(arch, Qwen2VLParallelism()),
+        pre_process=True,
+        post_process=True,
+        layer_spec=build_layer_spec(use_te=False),
+    )
     with torch.no_grad():
         for p in policy.parameters():
             p.zero_()

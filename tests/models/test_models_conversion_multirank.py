@@ -47,8 +47,13 @@ def _rank_main(rank: int, world: int, store: str, hf: str, mg: str, saved: str, 
         reader = HfCheckpointReader(hf)
         arch = as_arch(reader.config())
         config = build_transformer_config(arch, Qwen2VLParallelism(tensor_parallel_size=TP, pipeline_parallel_size=PP))
-        policy = Qwen2VLPolicy(arch, config, pre_process=groups.is_first_stage, post_process=groups.is_last_stage,
-                               layer_spec=build_layer_spec(use_te=False))  # fmt: skip
+        policy = Qwen2VLPolicy(
+            arch,
+            config,
+            pre_process=groups.is_first_stage,
+            post_process=groups.is_last_stage,
+            layer_spec=build_layer_spec(use_te=False),
+        )
         with torch.no_grad():
             for p in policy.parameters():
                 p.zero_()
@@ -56,12 +61,16 @@ def _rank_main(rank: int, world: int, store: str, hf: str, mg: str, saved: str, 
         state = dist_checkpointing.load(sharded, mg)
         missing, unexpected = policy.load_state_dict(state, strict=False)
         assert not unexpected and not [m for m in missing if not m.endswith("_extra_state")], (missing, unexpected)
-        want = hf_to_megatron_shard(reader.get, arch, tp_rank=groups.tp_rank, tp_size=TP, pp_rank=groups.pp_rank, pp_size=PP)
+        want = hf_to_megatron_shard(
+            reader.get, arch, tp_rank=groups.tp_rank, tp_size=TP, pp_rank=groups.pp_rank, pp_size=PP
+        )
         params = dict(policy.named_parameters())
         assert params.keys() == want.keys(), params.keys() ^ want.keys()
         for k, v in want.items():
             assert torch.equal(params[k].detach(), v), (rank, k)
-        dist_checkpointing.save(build_policy_sharded_state_dict(policy, tp_rank=groups.tp_rank, dp_rank=groups.dp_rank), saved)
+        dist_checkpointing.save(
+            build_policy_sharded_state_dict(policy, tp_rank=groups.tp_rank, dp_rank=groups.dp_rank), saved
+        )
         if rank == 0:
             write_checkpoint_meta(saved, arch)
         dist.barrier()
@@ -88,8 +97,10 @@ def test_tp2_pp2_policy_loads_and_saves_the_format(family, tie):
         os.makedirs(saved)
         ctx = mp.get_context("spawn")
         errors = ctx.SimpleQueue()
-        procs = [ctx.Process(target=_rank_main, args=(r, TP * PP, os.path.join(d, "store"), hf, mg, saved, errors))
-                 for r in range(TP * PP)]  # fmt: skip
+        procs = [
+            ctx.Process(target=_rank_main, args=(r, TP * PP, os.path.join(d, "store"), hf, mg, saved, errors))
+            for r in range(TP * PP)
+        ]
         for p in procs:
             p.start()
         for p in procs:

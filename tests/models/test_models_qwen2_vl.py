@@ -24,20 +24,49 @@ def tiny_config(family: str, *, tie: bool = False):
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     text = dict(
-        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    )  # fmt: skip
-    common = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART,
-                  vision_end_token_id=VEND, tie_word_embeddings=tie)  # fmt: skip
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    common = dict(
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VSTART,
+        vision_end_token_id=VEND,
+        tie_word_embeddings=tie,
+    )
     if family == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
-                      patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
         return Qwen2VLConfig(text_config=text, vision_config=vision, **common)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=2,
-                  patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
-                  fullatt_block_indexes=[1])  # fmt: skip
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=48,
+        out_hidden_size=64,
+        num_heads=2,
+        patch_size=PATCH,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=16,
+        fullatt_block_indexes=[1],
+    )
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
 
 
@@ -83,18 +112,22 @@ def test_mrope_positions_equal_hf_model_method(family):
     cfg = tiny_config(family)
     arch = build_qwen2_vl_arch(cfg)
     hf = (Qwen2VLModel if family == "qwen2_vl" else Qwen2_5_VLModel)(cfg)
-    ids = torch.tensor([
-        [2, 2, 9, VSTART] + [IMAGE] * 8 + [VEND, 4, 4],
-        [11, VSTART] + [IMAGE] * 4 + [VEND, 3, 3, 3, 3, 3, 3, 3, 3],
-    ])  # fmt: skip
+    ids = torch.tensor(
+        [
+            [2, 2, 9, VSTART] + [IMAGE] * 8 + [VEND, 4, 4],
+            [11, VSTART] + [IMAGE] * 4 + [VEND, 3, 3, 3, 3, 3, 3, 3, 3],
+        ]
+    )
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # left padding
     grid = torch.tensor([[1, 4, 8], [1, 4, 4]])
     ours = compute_mrope_position_ids(arch, ids, image_grid_thw=grid, attention_mask=mask)
     ref, _ = hf.get_rope_index(
-        ids, mm_token_type_ids=compute_mm_token_type_ids(arch, ids), image_grid_thw=grid,
+        ids,
+        mm_token_type_ids=compute_mm_token_type_ids(arch, ids),
+        image_grid_thw=grid,
         attention_mask=mask,
-    )  # fmt: skip
+    )
     assert torch.equal(ours, ref)
 
 
@@ -152,8 +185,8 @@ def one_rank_world():
 def build_pair(family: str, groups, *, tie: bool):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    from megatron_vrft.models.qwen2_vl.model import Qwen2VLPolicy
     from megatron_vrft.distributed.parallel_state import ParallelLayout
+    from megatron_vrft.models.qwen2_vl.model import Qwen2VLPolicy
     from megatron_vrft.models.qwen2_vl.spec import build_transformer_config
     from megatron_vrft.models.qwen2_vl.state_dict_adapter import hf_to_megatron_shard
 
@@ -176,16 +209,20 @@ def test_policy_equals_hf_single_process(one_rank_world, family, tie):
 
     hf, policy, arch = build_pair(family, one_rank_world, tie=tie)
     gen = torch.Generator().manual_seed(3)
-    ids = torch.cat([
-        torch.randint(3, 290, (3,), generator=gen), torch.tensor([VSTART] + [IMAGE] * 8 + [VEND]),
-        torch.randint(3, 290, (4,), generator=gen),
-    ])[None]  # fmt: skip
+    ids = torch.cat(
+        [
+            torch.randint(3, 290, (3,), generator=gen),
+            torch.tensor([VSTART] + [IMAGE] * 8 + [VEND]),
+            torch.randint(3, 290, (4,), generator=gen),
+        ]
+    )[None]
     grid = torch.tensor([[1, 8, 4]])
     pixels = torch.randn(32, 3 * 2 * PATCH * PATCH, generator=gen)
     pos = compute_mrope_position_ids(arch, ids, image_grid_thw=grid)
     logits = policy(ids, pos, None, pixel_values=pixels, image_grid_thw=grid)
-    ref = hf(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
-             mm_token_type_ids=compute_mm_token_type_ids(arch, ids)).logits  # fmt: skip
+    ref = hf(
+        input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=compute_mm_token_type_ids(arch, ids)
+    ).logits
     assert logits.shape == ref.shape
     assert (logits - ref).abs().max().item() <= 1e-5
     # Image features really enter: other pixels change the logits after the image.
@@ -208,8 +245,8 @@ def test_policy_rejects_mismatched_image_tokens(one_rank_world):
 
 
 def test_policy_rejects_vocab_not_divisible_by_tp():
-    from megatron_vrft.models.qwen2_vl.model import Qwen2VLPolicy
     from megatron_vrft.distributed.parallel_state import ParallelLayout
+    from megatron_vrft.models.qwen2_vl.model import Qwen2VLPolicy
     from megatron_vrft.models.qwen2_vl.spec import build_transformer_config
 
     cfg = tiny_config("qwen2_vl")
@@ -239,15 +276,14 @@ def test_local_spec_on_cpu_and_config_fields():
     assert c.variable_seq_lengths and c.moe_token_dispatcher_type == "alltoall" and c.batch_p2p_comm
     assert Qwen2VLParallelism is ParallelLayout
     # Interleaving: fixed shapes and unbatched p2p (megatron-core 0.16.1 crosses same-peer transfers).
-    v = build_transformer_config(
-        arch, ParallelLayout(pipeline_parallel_size=2, virtual_pipeline_parallel_size=1)
-    )
+    v = build_transformer_config(arch, ParallelLayout(pipeline_parallel_size=2, virtual_pipeline_parallel_size=1))
     assert not v.variable_seq_lengths and not v.batch_p2p_comm
     with pytest.raises(ValueError, match="variable_seq_lengths"):
         build_transformer_config(
-            arch, ParallelLayout(pipeline_parallel_size=2, virtual_pipeline_parallel_size=1),
+            arch,
+            ParallelLayout(pipeline_parallel_size=2, virtual_pipeline_parallel_size=1),
             variable_seq_lengths=True,
-        )  # fmt: skip
+        )
 
 
 def test_packed_policy_equals_hf_per_sequence(one_rank_world):
@@ -256,8 +292,13 @@ def test_packed_policy_equals_hf_per_sequence(one_rank_world):
 
     hf, policy, arch = build_pair("qwen2_5_vl", one_rank_world, tie=True)
     gen = torch.Generator().manual_seed(5)
-    s1 = torch.cat([torch.randint(3, 290, (2,), generator=gen), torch.tensor([VSTART] + [IMAGE] * 4 + [VEND]),
-                    torch.randint(3, 290, (3,), generator=gen)])  # fmt: skip
+    s1 = torch.cat(
+        [
+            torch.randint(3, 290, (2,), generator=gen),
+            torch.tensor([VSTART] + [IMAGE] * 4 + [VEND]),
+            torch.randint(3, 290, (3,), generator=gen),
+        ]
+    )
     s2 = torch.randint(3, 290, (6,), generator=gen)
     s3 = torch.cat([torch.tensor([VSTART] + [IMAGE] * 8 + [VEND]), torch.randint(3, 290, (2,), generator=gen)])
     grids = [torch.tensor([[1, 4, 4]]), None, torch.tensor([[1, 8, 4]])]
@@ -269,13 +310,14 @@ def test_packed_policy_equals_hf_per_sequence(one_rank_world):
     for i, (seq, grid) in enumerate(zip([s1, s2, s3], grids)):
         kwargs = {}
         if grid is not None:
-            kwargs = dict(pixel_values=pixels[starts[i]:starts[i] + int(grid.prod())], image_grid_thw=grid)
+            kwargs = dict(pixel_values=pixels[starts[i] : starts[i] + int(grid.prod())], image_grid_thw=grid)
         ref = hf(input_ids=seq[None], mm_token_type_ids=compute_mm_token_type_ids(arch, seq[None]), **kwargs).logits
-        got = logits[:, int(cu[i]):int(cu[i + 1])]
+        got = logits[:, int(cu[i]) : int(cu[i + 1])]
         assert (got - ref).abs().max().item() <= 1e-5, i
     # Without the block mask the second sequence would see the first: the test can tell.
-    leaky = policy(inputs.input_ids, inputs.position_ids, None, pixel_values=pixels,
-                   image_grid_thw=inputs.image_grid_thw)  # fmt: skip
+    leaky = policy(
+        inputs.input_ids, inputs.position_ids, None, pixel_values=pixels, image_grid_thw=inputs.image_grid_thw
+    )
     assert (leaky - logits)[:, 11:].abs().max().item() > 1e-3
 
     # A padded batch built with the same helpers (left padding) matches HF with its mask.
@@ -284,8 +326,13 @@ def test_packed_policy_equals_hf_per_sequence(one_rank_world):
     pad[0, :4] = 0
     padded = build_padded_inputs(arch, ids, pad, pixel_values=pixels[:16], image_grid_thw=grids[0])
     out = policy(**padded.forward_kwargs())
-    ref = hf(input_ids=ids, attention_mask=pad, pixel_values=pixels[:16], image_grid_thw=grids[0],
-             mm_token_type_ids=compute_mm_token_type_ids(arch, ids)).logits  # fmt: skip
+    ref = hf(
+        input_ids=ids,
+        attention_mask=pad,
+        pixel_values=pixels[:16],
+        image_grid_thw=grids[0],
+        mm_token_type_ids=compute_mm_token_type_ids(arch, ids),
+    ).logits
     assert (out - ref).abs()[pad.bool()].max().item() <= 1e-5
 
 

@@ -39,16 +39,29 @@ def tiny_config(family: str, *, tie: bool, heads: int = 4, kv_heads: int = 2, la
     head_dim = hidden // heads
     quarter = head_dim // 4
     text = dict(
-        hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=250,
-        rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                             mrope_section=[quarter, quarter, head_dim // 2 - 2 * quarter]),
-    )  # fmt: skip
+        hidden_size=hidden,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=250,
+        rope_parameters=dict(
+            rope_type="default", rope_theta=10000.0, mrope_section=[quarter, quarter, head_dim // 2 - 2 * quarter]
+        ),
+    )
     if family == "qwen2_vl":
         vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, patch_size=4)
         return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=hidden,
-                  patch_size=4, fullatt_block_indexes=[1], window_size=16)  # fmt: skip
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=2,
+        out_hidden_size=hidden,
+        patch_size=4,
+        fullatt_block_indexes=[1],
+        window_size=16,
+    )
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie)
 
 
@@ -89,8 +102,10 @@ def test_round_trip_is_bit_exact(family, tie, tp, pp, layer_spec):
     for name, tensor in out:
         assert torch.equal(tensor, expected[name]), name
     # Shapes of every shard agree with the meta-device shape listing.
-    for (t, p), shard in shards.items():
-        shapes = megatron_param_shapes(arch, tp_size=tp, pp_size=pp, pp_rank=p, layer_spec=layer_spec, vocab_padded_size=vp)
+    for (_, p), shard in shards.items():
+        shapes = megatron_param_shapes(
+            arch, tp_size=tp, pp_size=pp, pp_rank=p, layer_spec=layer_spec, vocab_padded_size=vp
+        )
         assert {k: v.shape for k, v in shard.items()} == shapes
 
 
@@ -123,14 +138,23 @@ def test_qkv_shards_follow_mcore_split_rule(heads, kv_heads, tp):
     q, k, v = (t.view(5, -1, hd) for t in _hf_qkv(sd64, 0, x))
     shards = all_shards(sd64, arch, tp, 1, vocab_padded_size=256)
     mixed_full = torch.cat(
-        [F.linear(x, s[LM + "decoder.layers.0.self_attention.linear_qkv.weight"],
-                  s[LM + "decoder.layers.0.self_attention.linear_qkv.bias"]) for (_, _), s in sorted(shards.items())],
+        [
+            F.linear(
+                x,
+                s[LM + "decoder.layers.0.self_attention.linear_qkv.weight"],
+                s[LM + "decoder.layers.0.self_attention.linear_qkv.bias"],
+            )
+            for (_, _), s in sorted(shards.items())
+        ],
         dim=-1,
-    )  # fmt: skip
+    )
     for rank in range(tp):
         s = shards[(rank, 0)]
-        mixed = F.linear(x, s[LM + "decoder.layers.0.self_attention.linear_qkv.weight"],
-                         s[LM + "decoder.layers.0.self_attention.linear_qkv.bias"])  # fmt: skip
+        mixed = F.linear(
+            x,
+            s[LM + "decoder.layers.0.self_attention.linear_qkv.weight"],
+            s[LM + "decoder.layers.0.self_attention.linear_qkv.bias"],
+        )
         if kv_heads >= tp:
             groups = kv_heads // tp
             heads_per_rank = heads // tp
@@ -165,8 +189,10 @@ def test_mlp_and_row_parallel_shards_reproduce_hf(tp):
     arch = as_arch(cfg)
     x = torch.randn(7, arch.hidden_size, dtype=torch.float64)
     p = "model.language_model.layers.0."
-    hf_mlp = F.linear(F.silu(F.linear(x, sd[p + "mlp.gate_proj.weight"])) * F.linear(x, sd[p + "mlp.up_proj.weight"]),
-                      sd[p + "mlp.down_proj.weight"])  # fmt: skip
+    hf_mlp = F.linear(
+        F.silu(F.linear(x, sd[p + "mlp.gate_proj.weight"])) * F.linear(x, sd[p + "mlp.up_proj.weight"]),
+        sd[p + "mlp.down_proj.weight"],
+    )
     attn_in = torch.randn(7, arch.num_attention_heads * arch.head_dim, dtype=torch.float64)
     hf_proj = F.linear(attn_in, sd[p + "self_attn.o_proj.weight"])
     mlp_out = torch.zeros_like(hf_mlp)
@@ -176,7 +202,9 @@ def test_mlp_and_row_parallel_shards_reproduce_hf(tp):
         gate, up = torch.chunk(F.linear(x, s[LM + "decoder.layers.0.mlp.linear_fc1.weight"]), 2, dim=-1)
         mlp_out += F.linear(F.silu(gate) * up, s[LM + "decoder.layers.0.mlp.linear_fc2.weight"])
         cols = attn_in.shape[-1] // tp
-        proj_out += F.linear(attn_in[:, rank * cols : (rank + 1) * cols], s[LM + "decoder.layers.0.self_attention.linear_proj.weight"])
+        proj_out += F.linear(
+            attn_in[:, rank * cols : (rank + 1) * cols], s[LM + "decoder.layers.0.self_attention.linear_proj.weight"]
+        )
     torch.testing.assert_close(mlp_out, hf_mlp, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(proj_out, hf_proj, rtol=1e-12, atol=1e-12)
 
@@ -236,8 +264,11 @@ def test_missing_and_misshaped_tensors_name_the_key():
 def test_pipeline_layer_ranges_follow_mcore_rule():
     assert pipeline_layer_ranges(8, 2) == [range(0, 4), range(4, 8)]
     assert pipeline_layer_ranges(10, 4, num_layers_in_first_pipeline_stage=1, num_layers_in_last_pipeline_stage=3) == [
-        range(0, 1), range(1, 4), range(4, 7), range(7, 10),
-    ]  # fmt: skip
+        range(0, 1),
+        range(1, 4),
+        range(4, 7),
+        range(7, 10),
+    ]
     with pytest.raises(ValueError, match="cannot be split"):
         pipeline_layer_ranges(7, 2)
     cfg = tiny_config("qwen2_vl", tie=False, layers=5)
@@ -288,7 +319,9 @@ def test_qkv_matches_mcore_self_attention(mcore_world, heads, kv_heads):
     sd = tiny_state_dict(cfg)
     arch = as_arch(cfg)
     tc = build_transformer_config(arch, Qwen2VLParallelism())
-    attn = build_module(get_gpt_layer_local_spec(normalization="RMSNorm").submodules.self_attention, config=tc, layer_number=1)
+    attn = build_module(
+        get_gpt_layer_local_spec(normalization="RMSNorm").submodules.self_attention, config=tc, layer_number=1
+    )
     shard = hf_to_megatron_shard(sd, arch, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
     prefix = LM + "decoder.layers.0.self_attention."
     own = {k[len(prefix) :]: v for k, v in shard.items() if k.startswith(prefix)}
@@ -329,5 +362,8 @@ def test_fc1_matches_mcore_mlp(mcore_world):
     p = "model.language_model.layers.0.mlp."
     with torch.no_grad():
         out, _ = mlp(x)
-        ref = F.linear(F.silu(F.linear(x, sd[p + "gate_proj.weight"])) * F.linear(x, sd[p + "up_proj.weight"]), sd[p + "down_proj.weight"])
+        ref = F.linear(
+            F.silu(F.linear(x, sd[p + "gate_proj.weight"])) * F.linear(x, sd[p + "up_proj.weight"]),
+            sd[p + "down_proj.weight"],
+        )
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)

@@ -53,7 +53,9 @@ def hf_meta_state(config) -> dict[str, torch.Size]:
 
 
 def valid_tp(arch, tp: int) -> bool:
-    return arch.num_attention_heads % tp == 0 and (arch.num_key_value_heads % tp == 0 or tp % arch.num_key_value_heads == 0)
+    return arch.num_attention_heads % tp == 0 and (
+        arch.num_key_value_heads % tp == 0 or tp % arch.num_key_value_heads == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +94,15 @@ def mcore_meta_params(arch, *, pp: int, pre: bool, post: bool, vocab_padded_size
     share = arch.tie_word_embeddings and pp == 1
     with torch.device("meta"):
         model = GPTModel(
-            config=tc, transformer_layer_spec=build_layer_spec(use_te=False), vocab_size=vocab_padded_size,
-            max_sequence_length=arch.max_position_embeddings, pre_process=pre, post_process=post,
-            share_embeddings_and_output_weights=share, position_embedding_type="mrope",
-        )  # fmt: skip
+            config=tc,
+            transformer_layer_spec=build_layer_spec(use_te=False),
+            vocab_size=vocab_padded_size,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=pre,
+            post_process=post,
+            share_embeddings_and_output_weights=share,
+            position_embedding_type="mrope",
+        )
     return {
         LM + k: (p.shape, getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None)
         for k, p in model.named_parameters()
@@ -142,7 +149,9 @@ def test_megatron_shapes_match_mcore_gptmodel_at_every_tp_pp(mcore_world, name):
                         want[dim] //= tp
                     assert list(lm[key]) == want, (key, tp, pp)
                 vision = {k[len("vision.") :]: v for k, v in ours.items() if k.startswith("vision.")}
-                assert vision == ({k[len("visual.") :]: v for k, v in hf.items() if k.startswith("visual.")} if rank == 0 else {})
+                assert vision == (
+                    {k[len("visual.") :]: v for k, v in hf.items() if k.startswith("visual.")} if rank == 0 else {}
+                )
                 # Parameter count over all TP ranks: split tensors x tp, replicated ones once.
                 for key, shape in ours.items():
                     split = key.startswith(LM) and ref[key][1] is not None

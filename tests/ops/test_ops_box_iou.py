@@ -77,6 +77,7 @@ def pairwise_float64(b1, b2, mode, valid1=None, valid2=None) -> torch.Tensor:
 
 def coco_iou(b1: torch.Tensor, b2: torch.Tensor) -> np.ndarray:
     """pycocotools bbox IoU: (N, 4) x (M, 4) xyxy -> (N, M)."""
+
     def xywh(b):
         b = b.double().numpy()
         return np.ascontiguousarray(np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1))
@@ -151,8 +152,10 @@ def test_triton_broadcasting_and_empty():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     one = make_boxes(gen, ()).float()  # a single (4,) box against (9, 4)
     torch.testing.assert_close(
-        box_iou_elementwise_triton(one, b2[0, 0]), box_iou_elementwise_reference(one, b2[0, 0]),
-        rtol=1e-5, atol=1e-6,
+        box_iou_elementwise_triton(one, b2[0, 0]),
+        box_iou_elementwise_reference(one, b2[0, 0]),
+        rtol=1e-5,
+        atol=1e-6,
     )
     assert box_iou_pairwise_triton(b1[:, :, :0], b2).shape == (2, 3, 0, 9)
     assert box_iou_elementwise_triton(b1[:, :, :0], b1[:, :, :0]).shape == (2, 1, 0)
@@ -165,8 +168,13 @@ def test_auto_dispatch_uses_triton_and_keeps_gradients(monkeypatch):
     calls = []
     pairwise_fn, elementwise_fn, supports = box_iou_mod._IMPLS["triton"]
     monkeypatch.setitem(
-        box_iou_mod._IMPLS, "triton",
-        (lambda *a: calls.append("pair") or pairwise_fn(*a), lambda *a: calls.append("elem") or elementwise_fn(*a), supports),
+        box_iou_mod._IMPLS,
+        "triton",
+        (
+            lambda *a: calls.append("pair") or pairwise_fn(*a),
+            lambda *a: calls.append("elem") or elementwise_fn(*a),
+            supports,
+        ),
     )
     b1, b2 = make_pair_sets(6, 2, 4, 5)
     got = box_iou(b1.float(), b2.float(), "giou")

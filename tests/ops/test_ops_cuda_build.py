@@ -5,7 +5,6 @@ nvcc compiles for the listed architectures and the host tests are plain C++.
 """
 
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -93,7 +92,9 @@ def test_cuda_library_box_iou_runs_on_gpu(build_dir):
     from megatron_vrft.ops.box_iou import box_iou_elementwise_reference, box_iou_pairwise_reference
 
     lib = ctypes.CDLL(str(build_dir / "libmegatron_vrft_kernels.so"))
-    lib.mvrft_box_iou_pairwise.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_bool, ctypes.c_void_p]
+    lib.mvrft_box_iou_pairwise.argtypes = (
+        [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_bool, ctypes.c_void_p]
+    )
     lib.mvrft_box_iou_elementwise.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_bool, ctypes.c_void_p]
     gen = torch.Generator().manual_seed(0)
     b, n, m = 3, 70, 130
@@ -104,8 +105,9 @@ def test_cuda_library_box_iou_runs_on_gpu(build_dir):
     a, c, v1, v2 = (t.cuda().contiguous() for t in (boxes1, boxes2, valid1, valid2))
     for giou in (False, True):
         out = torch.empty(b, n, m, device="cuda")
-        err = lib.mvrft_box_iou_pairwise(a.data_ptr(), c.data_ptr(), v1.data_ptr(), v2.data_ptr(), out.data_ptr(),
-                                         b, n, m, giou, None)
+        err = lib.mvrft_box_iou_pairwise(
+            a.data_ptr(), c.data_ptr(), v1.data_ptr(), v2.data_ptr(), out.data_ptr(), b, n, m, giou, None
+        )
         torch.cuda.synchronize()
         assert err == 0
         want = box_iou_pairwise_reference(boxes1, boxes2, "giou" if giou else "iou", valid1, valid2)

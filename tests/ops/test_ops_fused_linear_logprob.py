@@ -65,8 +65,18 @@ def _close_to_max(got, want, rel):
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_fp32_matches_float64_oracle(impl, temperature):
     hidden, weight, targets, g_lp, g_ent = _case(37, 24, 1500, torch.float32, seed=1)
-    got = _run(fused_linear_token_logprobs, hidden, weight, targets, g_lp, g_ent,
-               temperature=temperature, chunk_tokens=10, chunk_vocab=333, impl=impl)
+    got = _run(
+        fused_linear_token_logprobs,
+        hidden,
+        weight,
+        targets,
+        g_lp,
+        g_ent,
+        temperature=temperature,
+        chunk_tokens=10,
+        chunk_vocab=333,
+        impl=impl,
+    )
     want = _oracle(hidden, weight, targets, g_lp, g_ent, temperature)
     torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1].double(), want[1], rtol=1e-5, atol=1e-5)
@@ -74,8 +84,7 @@ def test_fp32_matches_float64_oracle(impl, temperature):
     torch.testing.assert_close(got[2].double(), want[2], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got[3].double(), want[3], rtol=1e-4, atol=1e-5)
     # The unfused reference agrees with the oracle too.
-    ref = _run(linear_token_logprobs_reference, hidden, weight, targets, g_lp, g_ent,
-               temperature=temperature)
+    ref = _run(linear_token_logprobs_reference, hidden, weight, targets, g_lp, g_ent, temperature=temperature)
     torch.testing.assert_close(ref[0].double(), want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ref[3].double(), want[3], rtol=1e-4, atol=1e-5)
 
@@ -83,10 +92,19 @@ def test_fp32_matches_float64_oracle(impl, temperature):
 @pytest.mark.parametrize("impl", ["auto", "torch"])
 def test_bf16_matches_unfused_reference(impl):
     hidden, weight, targets, g_lp, g_ent = _case(37, 32, 2100, torch.bfloat16, seed=2)
-    got = _run(fused_linear_token_logprobs, hidden, weight, targets, g_lp, g_ent,
-               temperature=0.8, chunk_tokens=16, chunk_vocab=512, impl=impl)
-    ref = _run(linear_token_logprobs_reference, hidden, weight, targets, g_lp, g_ent,
-               temperature=0.8)
+    got = _run(
+        fused_linear_token_logprobs,
+        hidden,
+        weight,
+        targets,
+        g_lp,
+        g_ent,
+        temperature=0.8,
+        chunk_tokens=16,
+        chunk_vocab=512,
+        impl=impl,
+    )
+    ref = _run(linear_token_logprobs_reference, hidden, weight, targets, g_lp, g_ent, temperature=0.8)
     # Same bf16 logits on both sides: the fp32 outputs agree to fp32 precision.
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=2e-5)
@@ -101,8 +119,9 @@ def test_only_weight_or_only_hidden_needs_grad_and_batched_shape():
     hidden, weight, targets, g_lp, _ = _case(24, 16, 700, torch.float32, seed=3)
     want = _oracle(hidden, weight, targets, g_lp, torch.zeros(24), 1.0)
     w = weight.clone().requires_grad_()
-    logprobs = fused_linear_token_logprobs(hidden.view(4, 6, 16), w, targets.view(4, 6),
-                                           chunk_tokens=7, chunk_vocab=256)
+    logprobs = fused_linear_token_logprobs(
+        hidden.view(4, 6, 16), w, targets.view(4, 6), chunk_tokens=7, chunk_vocab=256
+    )
     assert logprobs.shape == (4, 6)
     (logprobs * g_lp.view(4, 6)).sum().backward()
     torch.testing.assert_close(w.grad.double(), want[3], rtol=1e-4, atol=1e-5)
@@ -155,7 +174,8 @@ def test_peak_tensor_is_one_chunk_not_the_logits():
     logits_bytes = num_tokens * num_vocab * 4
     unfused = _largest_tensor(linear_token_logprobs_reference, hidden, weight, targets)
     assert unfused >= logits_bytes, "the probe must see the reference's (N, V) logits"
-    fused = _largest_tensor(fused_linear_token_logprobs, hidden, weight, targets,
-                            chunk_tokens=128, chunk_vocab=1024, impl="torch")
+    fused = _largest_tensor(
+        fused_linear_token_logprobs, hidden, weight, targets, chunk_tokens=128, chunk_vocab=1024, impl="torch"
+    )
     assert fused <= 128 * 1024 * 4, f"fused op built a {fused}-byte tensor"
     assert fused * 16 <= logits_bytes

@@ -2,8 +2,6 @@
 implementation, ``megatron_vrft.rl.compute_grpo_loss``, evaluated in float64 on the same (upcast)
 inputs; and the dispatch of ``compute_grpo_loss(impl=...)`` to the kernel."""
 
-import math
-
 import pytest
 import torch
 
@@ -35,8 +33,12 @@ def _inputs(seed, b=3, t=37, dtype=torch.float32, token_adv=False, float_mask=Fa
 def _reference(lp, old, ref, adv, mask, **kw):
     x = lp.to(torch.float64).requires_grad_(True)
     res = compute_grpo_loss(
-        x, old.to(torch.float64), None if ref is None else ref.to(torch.float64), adv.to(torch.float64),
-        mask.to(torch.float64) if mask.is_floating_point() else mask, **kw,
+        x,
+        old.to(torch.float64),
+        None if ref is None else ref.to(torch.float64),
+        adv.to(torch.float64),
+        mask.to(torch.float64) if mask.is_floating_point() else mask,
+        **kw,
     )
     res.loss.backward()
     return res, x.grad
@@ -71,13 +73,21 @@ def _check(out, grad, res, ref_grad, rtol, what, lp, ref, mask, kw):
     """Compare every output. Aggregated losses are sums of signed per-token terms that may cancel:
     an fp32 sum's error scales with the sum of the terms' magnitudes, so their tolerance is relative
     to ``aggregate(|terms|)``; per-token values and gradients are compared elementwise."""
-    agg = dict(mode=kw.get("loss_agg_mode", "token-mean"), max_response_length=kw.get("max_response_length"),
-               normalizer=kw.get("normalizer"))
+    agg = dict(
+        mode=kw.get("loss_agg_mode", "token-mean"),
+        max_response_length=kw.get("max_response_length"),
+        normalizer=kw.get("normalizer"),
+    )
     m = mask.to(torch.float64) if mask.is_floating_point() else mask
 
     def magnitude(per_token):
-        return aggregate_loss(per_token.detach().abs(), m, agg["mode"], max_response_length=agg["max_response_length"],
-                              normalizer=agg["normalizer"]).item()
+        return aggregate_loss(
+            per_token.detach().abs(),
+            m,
+            agg["mode"],
+            max_response_length=agg["max_response_length"],
+            normalizer=agg["normalizer"],
+        ).item()
 
     loss_mag = magnitude(res.per_token_loss)
     _assert_close_rel(out.loss.detach().reshape(1), res.loss.detach().reshape(1), rtol, f"{what} loss", loss_mag)
@@ -85,8 +95,13 @@ def _check(out, grad, res, ref_grad, rtol, what, lp, ref, mask, kw):
     assert set(out.metrics) == set(res.metrics), (set(out.metrics), set(res.metrics))
     kl_mag = 0.0
     if ref is not None:
-        kl_tok = compute_kl(lp.double(), ref.double(), kw.get("kl_estimator", "k3"),
-                            log_ratio_clamp=kw.get("log_ratio_clamp", 20.0), kl_clamp=kw.get("kl_clamp", 10.0))
+        kl_tok = compute_kl(
+            lp.double(),
+            ref.double(),
+            kw.get("kl_estimator", "k3"),
+            log_ratio_clamp=kw.get("log_ratio_clamp", 20.0),
+            kl_clamp=kw.get("kl_clamp", 10.0),
+        )
         kl_mag = magnitude(kl_tok)
     for key, value in res.metrics.items():
         mag = {"pg_loss": loss_mag + kl_mag, "kl_loss": kl_mag}.get(key, 0.0)
@@ -97,18 +112,23 @@ def _check(out, grad, res, ref_grad, rtol, what, lp, ref, mask, kw):
 
 # The interpreted kernel (~0.2 s a call) runs a Latin square that pairs every policy loss with every
 # mode and every KL type.
-FP32_CASES = [
-    ("triton", p, m, KLS[(i + j) % len(KLS)]) for i, p in enumerate(LOSSES) for j, m in enumerate(MODES)
-]
+FP32_CASES = [("triton", p, m, KLS[(i + j) % len(KLS)]) for i, p in enumerate(LOSSES) for j, m in enumerate(MODES)]
 
 
 @pytest.mark.parametrize("impl,policy_loss,mode,kl", FP32_CASES)
 def test_fp32_matches_reference(impl, policy_loss, mode, kl):
     seed = LOSSES.index(policy_loss) * 16 + MODES.index(mode) * 4 + KLS.index(kl)
     lp, old, ref, adv, mask = _inputs(seed, token_adv=seed % 2 == 1)
-    kw = dict(policy_loss=policy_loss, loss_agg_mode=mode, kl_estimator=kl or "k3",
-              kl_coef=0.0 if kl is None else 0.07, kl_clamp=2.0, log_ratio_clamp=1.3,
-              max_response_length=50, **CFG)
+    kw = dict(
+        policy_loss=policy_loss,
+        loss_agg_mode=mode,
+        kl_estimator=kl or "k3",
+        kl_coef=0.0 if kl is None else 0.07,
+        kl_clamp=2.0,
+        log_ratio_clamp=1.3,
+        max_response_length=50,
+        **CFG,
+    )
     ref_in = None if kl is None else ref
     res, ref_grad = _reference(lp, old, ref_in, adv, mask, **kw)
     out, grad = _fused(lp, old, ref_in, adv, mask, impl, **kw)
@@ -137,8 +157,7 @@ def test_low_precision_log_probs(impl, dtype, policy_loss, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_normalizer_float_mask_and_grad_scale(impl, mode):
     lp, old, ref, adv, mask = _inputs(21, b=4, t=19, float_mask=True, token_adv=True)
-    kw = dict(policy_loss="dual_clip", loss_agg_mode=mode, kl_estimator="k2", kl_coef=0.2,
-              normalizer=11.0, **CFG)
+    kw = dict(policy_loss="dual_clip", loss_agg_mode=mode, kl_estimator="k2", kl_coef=0.2, normalizer=11.0, **CFG)
     res, ref_grad = _reference(lp, old, ref, adv, mask, **kw)
     out, grad = _fused(lp, old, ref, adv, mask, impl, grad_scale=2.5, **kw)
     _check(out, grad / 2.5, res, ref_grad, 1e-5, f"{impl}/{mode}", lp, ref, mask, kw)
@@ -176,7 +195,9 @@ def test_extreme_log_ratios_and_all_masked(impl, policy_loss):
             # (The autograd reference gets 0 * inf = NaN here through the k3 clamp; the kernel's
             # where-based gradient does not.)
             assert not grad.isnan().any()
-    out, grad = _fused(lp, old, ref, adv, torch.zeros(2, 4, dtype=torch.bool), impl, policy_loss=policy_loss, kl_coef=0.5)
+    out, grad = _fused(
+        lp, old, ref, adv, torch.zeros(2, 4, dtype=torch.bool), impl, policy_loss=policy_loss, kl_coef=0.5
+    )
     assert out.loss.item() == 0.0 and torch.all(grad == 0)
     assert all(v.item() == 0.0 for v in out.metrics.values())
 

@@ -128,8 +128,7 @@ def test_inplace_backward_gives_same_grad_in_the_logits_buffer(dtype):
     _, _, grad_copy = _run(x, targets, g_lp, g_ent, 0.8, True)
     leaf = x.clone().requires_grad_()
     logits = leaf * 1  # a non-leaf buffer nothing else needs: the case the flag is for
-    logprobs, ent = token_logprobs(logits, targets, temperature=0.8, return_entropy=True,
-                                   inplace_backward=True)
+    logprobs, ent = token_logprobs(logits, targets, temperature=0.8, return_entropy=True, inplace_backward=True)
     grads = {}
     logits.register_hook(lambda g: grads.setdefault("logits", g))
     ((logprobs * g_lp).sum() + (ent * g_ent).sum()).backward()
@@ -162,9 +161,7 @@ def test_extreme_and_masked_logits_stay_finite():
     targets[targets.sub(250).abs() < 150] = 7  # never target a masked entry
     logprobs, ent, grad = _run(x, targets, g_lp, g_ent, 0.9, True)
     assert torch.isfinite(logprobs).all() and torch.isfinite(ent).all() and torch.isfinite(grad).all()
-    want_lp, want_ent, want_grad = _oracle_grad(
-        x.masked_fill(torch.isinf(x), -1e30), targets, g_lp, g_ent, 0.9, True
-    )
+    want_lp, want_ent, want_grad = _oracle_grad(x.masked_fill(torch.isinf(x), -1e30), targets, g_lp, g_ent, 0.9, True)
     torch.testing.assert_close(logprobs.double(), want_lp, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(ent.double(), want_ent, rtol=1e-5, atol=1e-4)
     assert abs(float(logprobs[3])) < 1e-6 and abs(float(ent[3])) < 1e-6
@@ -180,9 +177,7 @@ def test_vocabulary_block_stats_combine_to_whole_row(backend_name):
     stats_fn = backend[0]
     whole = stats_fn(x, targets, 0, 1 / 0.7, True)
     cuts = [0, 1, 700, 701, 1999, 2500]
-    blocks = torch.stack(
-        [stats_fn(x[:, a:b].contiguous(), targets, a, 1 / 0.7, True) for a, b in zip(cuts, cuts[1:])]
-    )
+    blocks = torch.stack([stats_fn(x[:, a:b].contiguous(), targets, a, 1 / 0.7, True) for a, b in zip(cuts, cuts[1:])])
     pairwise = blocks[0]
     for block in blocks[1:]:
         pairwise = _logprob_stats.combine_stats(pairwise, block)
@@ -237,8 +232,7 @@ class _TensorSizeProbe(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not any(ret.alias_info is not None for ret in func._schema.returns):
-            self.sizes += [t.numel() * t.element_size() for t in tree_leaves(out)
-                           if isinstance(t, torch.Tensor)]
+            self.sizes += [t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         return out
 
 

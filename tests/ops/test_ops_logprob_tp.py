@@ -37,8 +37,7 @@ class _CollectiveCounter:
 
     NAMES = tuple(
         name
-        for name in ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
-                     "reduce_scatter_tensor")
+        for name in ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "reduce_scatter_tensor")
         if hasattr(dist, name)
     )
 
@@ -68,12 +67,12 @@ def _close(got, want, dtype, what):
     if dtype == torch.float32 or got.dtype == torch.float32:
         # Floor of 1e-5 x the largest entry: lse differs by an fp32 ulp between the two orders of
         # summation, which entries near a cancellation (log p + H ~ 0) feel in absolute terms.
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(scale, 1e-3),
-                                   msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(scale, 1e-3), msg=lambda m: f"{what}: {m}")
     else:
         # Same kernel, lse combined in a different order: at most a bf16 ulp or two apart.
-        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6 * scale,
-                                   msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(
+            got.float(), want.float(), rtol=2**-7, atol=1e-6 * scale, msg=lambda m: f"{what}: {m}"
+        )
 
 
 def _targets(gen):
@@ -138,8 +137,7 @@ def _check_fused_linear(rank, group, dtype, fn, impl_kwargs):
 
 
 def _worker(rank: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         from megatron_vrft.ops.fused_linear_logprob import (
             fused_linear_token_logprobs,
@@ -152,12 +150,12 @@ def _worker(rank: int, port: int) -> None:
             calls = _check_token_logprobs(rank, group, dtype, token_logprobs, {"impl": "triton"})
             assert len(calls) == 1 and calls[0][0].startswith("all_gather"), calls
             assert calls[0][1] == 3 * NUM_TOKENS, calls
-        _check_token_logprobs(rank, group, torch.bfloat16, token_logprobs, {"impl": "triton"},
-                              inplace=True)
+        _check_token_logprobs(rank, group, torch.bfloat16, token_logprobs, {"impl": "triton"}, inplace=True)
         _check_token_logprobs(rank, group, torch.float32, token_logprobs_reference, {})
         for dtype in (torch.float32, torch.bfloat16):
-            _check_fused_linear(rank, group, dtype, fused_linear_token_logprobs,
-                                {"chunk_tokens": 20, "chunk_vocab": 700})
+            _check_fused_linear(
+                rank, group, dtype, fused_linear_token_logprobs, {"chunk_tokens": 20, "chunk_vocab": 700}
+            )
         _check_fused_linear(rank, group, torch.float32, linear_token_logprobs_reference, {})
     finally:
         dist.destroy_process_group()

@@ -69,7 +69,11 @@ def _compile_all(tmp: Path) -> dict:
     out = tmp / "compiled.json"
     proc = subprocess.run(
         [sys.executable, "-c", _COMPILE_SCRIPT, ",".join(PRESENT), ",".join(map(str, ARCHS)), str(out)],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=900,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, f"compile subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(out.read_text())
@@ -89,7 +93,7 @@ def test_module_exposes_compile_specs(name):
         arg_names = list(getattr(fn, "arg_names", []))
         assert arg_names, f"{name}: {fn!r} is not a Triton kernel"
         assert set(signature) == set(arg_names), f"{name}.{fn.__name__}: signature keys != kernel args"
-        for key, value in constexprs.items():
+        for key in constexprs:
             assert signature[key] == "constexpr", f"{name}.{fn.__name__}: {key} is not marked constexpr"
         for key, ty in signature.items():
             assert ty != "constexpr" or key in constexprs, f"{name}.{fn.__name__}: constexpr {key} has no value"

@@ -7,19 +7,60 @@ valid (``must_fail=False``: only the invariants are checked).
 
 from __future__ import annotations
 
-import json
-
 from hypothesis import strategies as st
 
 # --------------------------------------------------------------------------------------- garbage
 
 _TOKENS = [
-    "<think>", "</think>", "<answer>", "</answer>", "<answer", "answer>", "[", "]", "{", "}", "(",
-    ")", ",", ":", "'", '"', " ", "\n", "Position", "Confidence", "position", "bbox", "bbox_2d",
-    "score", "NaN", "Infinity", "-", ".", "e", "%", "1e999", "0", "1", "12", "345", "0.5", "No Objects",
-    "None", "True", "```", "```json", "\u200b", "\ufeff", "\U0001f600", "\x00", "猫", "ß", "İ",
+    "<think>",
+    "</think>",
+    "<answer>",
+    "</answer>",
+    "<answer",
+    "answer>",
+    "[",
+    "]",
+    "{",
+    "}",
+    "(",
+    ")",
+    ",",
+    ":",
+    "'",
+    '"',
+    " ",
+    "\n",
+    "Position",
+    "Confidence",
+    "position",
+    "bbox",
+    "bbox_2d",
+    "score",
+    "NaN",
+    "Infinity",
+    "-",
+    ".",
+    "e",
+    "%",
+    "1e999",
+    "0",
+    "1",
+    "12",
+    "345",
+    "0.5",
+    "No Objects",
+    "None",
+    "True",
+    "```",
+    "```json",
+    "\u200b",
+    "\ufeff",
+    "\U0001f600",
+    "\x00",
+    "猫",
+    "ß",
+    "İ",
 ]
-
 
 
 def tokens_from_bytes(tokens: list[str]):
@@ -40,7 +81,9 @@ garbage_text = st.one_of(
     st.tuples(st.binary(max_size=30), st.text(max_size=6)).map(_splice),
 )
 
-non_strings = st.one_of(st.none(), st.integers(), st.binary(max_size=10), st.floats(), st.lists(st.integers(), max_size=3))
+non_strings = st.one_of(
+    st.none(), st.integers(), st.binary(max_size=10), st.floats(), st.lists(st.integers(), max_size=3)
+)
 
 
 def wrap(answer: str, think: str = "reasoning") -> str:
@@ -85,8 +128,26 @@ _RAW = st.binary(min_size=48, max_size=48)
 
 # Coordinate tokens each of which makes an answer invalid, whatever parser reads it.
 BAD_COORD_TOKENS = [
-    "NaN", "Infinity", "-Infinity", "nan", "inf", "1e999", "-1e999", "123456789", "'12a'", "'1e999'",
-    "None", "null", "True", "false", "[1, 2]", "{}", "''", "'abc'", "'\U0001f600'", "1e400",
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "nan",
+    "inf",
+    "1e999",
+    "-1e999",
+    "123456789",
+    "'12a'",
+    "'1e999'",
+    "None",
+    "null",
+    "True",
+    "false",
+    "[1, 2]",
+    "{}",
+    "''",
+    "'abc'",
+    "'\U0001f600'",
+    "1e400",
 ]
 BAD_CONF_TOKENS = ["1.5", "-0.1", "'150%'", "'abc'", "NaN", "None", "True", "[0.5]", "2", "'-5%'"]
 _POS_KEYS = ["Position", "position", "bbox", "box", "bbox_2d", "BBox"]
@@ -109,8 +170,21 @@ def _insert_text(completion: str, pos_frac: int, text: str) -> str:
     return completion[:pos] + text + completion[pos:]
 
 
-_DET_KINDS = ["truncate", "bad_coord", "swap", "degenerate", "box_len", "nested", "no_conf", "bad_conf",
-              "two_answers", "too_many", "too_long", "unicode", "non_string"]
+_DET_KINDS = [
+    "truncate",
+    "bad_coord",
+    "swap",
+    "degenerate",
+    "box_len",
+    "nested",
+    "no_conf",
+    "bad_conf",
+    "two_answers",
+    "too_many",
+    "too_long",
+    "unicode",
+    "non_string",
+]
 
 
 @st.composite
@@ -156,8 +230,20 @@ def detection_near_miss(draw) -> tuple[object, bool]:
     return completion, must_fail
 
 
-_GROUND_KINDS = ["truncate", "bad_coord", "swap", "degenerate", "box_len", "multiple", "empty",
-                 "two_answers", "unicode", "non_string", "none_list", "valid"]
+_GROUND_KINDS = [
+    "truncate",
+    "bad_coord",
+    "swap",
+    "degenerate",
+    "box_len",
+    "multiple",
+    "empty",
+    "two_answers",
+    "unicode",
+    "non_string",
+    "none_list",
+    "valid",
+]
 
 
 @st.composite
@@ -181,8 +267,12 @@ def grounding_near_miss(draw) -> tuple[object, bool]:
     style = r.choice(["bare", "dict", "visual_rft", "qwen2"])
     if kind == "multiple":
         other = [str(v) for v in r.box()]
-        answer = f"[[{', '.join(coords)}], [{', '.join(other)}]]" if style != "qwen2" else (
-            f"({coords[0]},{coords[1]}),({coords[2]},{coords[3]}) ({other[0]},{other[1]}),({other[2]},{other[3]})"
+        answer = (
+            f"[[{', '.join(coords)}], [{', '.join(other)}]]"
+            if style != "qwen2"
+            else (
+                f"({coords[0]},{coords[1]}),({coords[2]},{coords[3]}) ({other[0]},{other[1]}),({other[2]},{other[3]})"
+            )
         )
     elif kind == "empty":
         answer = r.choice(["", "[]", "No Objects", "   "])

@@ -13,8 +13,12 @@ from rewards_fuzz_strategies import classification_near_miss, garbage_text, wrap
 
 from megatron_vrft.rewards import GroundTruth, classification_accuracy_reward, normalize_label
 
-FUZZ = settings(max_examples=10000, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=10000,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 CAT = {"label": "cat"}
 ALBATROSS = {"label": "Black_footed_Albatross", "synonyms": ["Diomedea nigripes"]}
@@ -80,14 +84,23 @@ def test_failure_reasons_and_counts() -> None:
     completions = [wrap("cat"), "no tags", "<answer>cat", wrap("cat") + "<answer>x</answer>", wrap(" ,. "), None]
     out = classification_accuracy_reward(completions, [CAT] * 6)
     assert out.scores.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    assert out.reasons == [None, "no_answer_tag", "unclosed_answer_tag", "multiple_answer_tags", "empty_answer", "not_a_string"]
+    assert out.reasons == [
+        None,
+        "no_answer_tag",
+        "unclosed_answer_tag",
+        "multiple_answer_tags",
+        "empty_answer",
+        "not_a_string",
+    ]
     assert out.failed.tolist() == [False, True, True, True, True, True]
 
 
 def test_compat_rule_is_linear_time() -> None:
     text = "<answer>" * 8000  # the published regex search is quadratic here
     t0 = time.process_time()
-    out = classification_accuracy_reward([text, "<answer>x\n<answer>cat</answer>"], [CAT, CAT], mode="visual_rft_compat")
+    out = classification_accuracy_reward(
+        [text, "<answer>x\n<answer>cat</answer>"], [CAT, CAT], mode="visual_rft_compat"
+    )
     assert time.process_time() - t0 < 0.5
     assert out.scores.tolist() == [0.0, 1.0]
 

@@ -21,8 +21,12 @@ from megatron_vrft.rewards import (
     match_hungarian,
 )
 
-FUZZ = settings(max_examples=10000, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=10000,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 # ------------------------------------------------------------ independent float64 reference
@@ -226,7 +230,9 @@ def test_coordinate_spaces() -> None:
 
 def test_match_categories_and_default_confidence() -> None:
     g = gt([A, [20, 0, 30, 10]], categories=["cat", "dog"])
-    text = wrap("[{'bbox': [0,0,10,10], 'label': 'Dog', 'score': 0.9}, {'bbox': [20,0,30,10], 'label': 'dog', 'score': 0.8}]")
+    text = wrap(
+        "[{'bbox': [0,0,10,10], 'label': 'Dog', 'score': 0.9}, {'bbox': [20,0,30,10], 'label': 'dog', 'score': 0.8}]"
+    )
     assert scores(text, g)[0] == pytest.approx(1.0)  # labels ignored by default
     assert scores(text, g, match_categories=True)[0] == pytest.approx(0.5)
     s = compute_detection_scores([wrap("[[0,0,10,10]]")], [g], match_categories=True, default_confidence=0.5)
@@ -241,7 +247,7 @@ def test_failure_reasons_table() -> None:
         "no_answer_tag": "[{'Position': [0,0,10,10], 'Confidence': 0.9}]",
         "unclosed_answer_tag": "<answer>[{'Position': [0,0,10,10], 'Confidence': 0.9}",
         "not_a_list": wrap("I see a cat at the top left."),
-        "nonfinite": wrap("[{\"Position\": [0, 0, NaN, 10], \"Confidence\": 0.9}]"),
+        "nonfinite": wrap('[{"Position": [0, 0, NaN, 10], "Confidence": 0.9}]'),
         "inverted_box": wrap("[{'Position': [10,0,0,10], 'Confidence': 0.9}]"),
         "degenerate_box": wrap("[{'Position': [0,0,0,10], 'Confidence': 0.9}]"),
         "bad_confidence": wrap("[{'Position': [0,0,10,10], 'Confidence': 1.2}]"),

@@ -12,8 +12,12 @@ from rewards_fuzz_strategies import garbage_text, non_strings, tokens_from_bytes
 
 from megatron_vrft.rewards import PUBLISHED_FORMAT_PATTERN, format_matches, format_reward
 
-FUZZ = settings(max_examples=10000, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=10000,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def _published(text: str) -> bool:

@@ -27,8 +27,12 @@ from megatron_vrft.rewards import (
     resized_to_original,
 )
 
-FUZZ = settings(max_examples=10000, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=10000,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def ref_iou_giou(a, b) -> tuple[float, float]:
@@ -50,6 +54,7 @@ def test_iou_giou_match_float64_formula_on_random_boxes() -> None:
     rng = random.Random(0)
     completions, gts, want = [], [], []
     for _ in range(400):
+
         def box():
             x, y = rng.uniform(0, 900), rng.uniform(0, 900)
             return [round(x, 2), round(y, 2), round(x + rng.uniform(0.5, 300), 2), round(y + rng.uniform(0.5, 300), 2)]
@@ -129,7 +134,9 @@ def test_coordinate_conversions() -> None:
     orig, resized = (640, 480), (644, 476)  # e.g. smart_resize to multiples of 28
     b = torch.tensor([[64.0, 48.0, 320.0, 240.0], [0.0, 0.0, 640.0, 480.0]], dtype=torch.float64)
     n = original_to_norm1000(b, orig)
-    torch.testing.assert_close(n, torch.tensor([[100.0, 100.0, 500.0, 500.0], [0.0, 0.0, 1000.0, 1000.0]], dtype=torch.float64))
+    torch.testing.assert_close(
+        n, torch.tensor([[100.0, 100.0, 500.0, 500.0], [0.0, 0.0, 1000.0, 1000.0]], dtype=torch.float64)
+    )
     r = original_to_resized(b, orig, resized)
     torch.testing.assert_close(r[:, 0::2], b[:, 0::2] * 644 / 640)
     torch.testing.assert_close(r[:, 1::2], b[:, 1::2] * 476 / 480)
@@ -155,8 +162,9 @@ def test_grounding_converts_prediction_into_gt_space() -> None:
     # not converting is wrong: the same numbers read as original pixels
     assert grounding_iou_reward([wrap("[100, 100, 500, 500]")], gts).scores.item() < 0.5
     with pytest.raises(ValueError, match="resized_size"):
-        grounding_iou_reward([wrap("junk")], [_gt([0, 0, 1, 1], "pixels_original", image_size=(9, 9))],
-                             pred_space="pixels_resized")
+        grounding_iou_reward(
+            [wrap("junk")], [_gt([0, 0, 1, 1], "pixels_original", image_size=(9, 9))], pred_space="pixels_resized"
+        )
 
 
 def test_bad_ground_truth_raises() -> None:
@@ -178,7 +186,9 @@ def test_bad_ground_truth_raises() -> None:
     assert grounding_iou_reward([wrap("[100, 100, 500, 500]")], [norm1.in_space("norm_1000")]).scores.item() == 1.0
 
 
-_FUZZ_GT = [GroundTruth(box=b, coord_space="norm_1000") for b in ([0, 0, 1000, 1000], [100, 200, 300, 400], [5, 5, 6, 6])]
+_FUZZ_GT = [
+    GroundTruth(box=b, coord_space="norm_1000") for b in ([0, 0, 1000, 1000], [100, 200, 300, 400], [5, 5, 6, 6])
+]
 
 
 @pytest.mark.slow
@@ -202,8 +212,11 @@ def test_reward_wrappers_are_the_shared_columns() -> None:
     texts = [wrap("[0, 0, 10, 10]"), wrap("[20, 20, 30, 30]"), "junk"]
     gts = [_gt([0, 0, 10, 5])] * 3
     s = compute_grounding_scores(texts, gts)
-    for fn, col in ((grounding_iou_reward, s.iou), (grounding_giou_reward, s.giou),
-                    (grounding_giou_shifted_reward, s.giou_shifted)):
+    for fn, col in (
+        (grounding_iou_reward, s.iou),
+        (grounding_giou_reward, s.giou),
+        (grounding_giou_shifted_reward, s.giou_shifted),
+    ):
         out = fn(texts, gts)
         torch.testing.assert_close(out.scores, col)
         assert out.reasons == s.reasons == [None, None, "no_answer_tag"]

@@ -46,11 +46,17 @@ def test_extract_answer(completion, answer, reason) -> None:
         ('[{"bbox_2d": [10, 20, 50, 60], "confidence": 0.9}]', [0.9]),  # Qwen2.5-VL key
         ("[{Position: [10, 20, 50, 60], Confidence: 90%}]", [0.9]),  # bare keys, bare percent
         ("{'Position': [10, 20, 50, 60], 'Confidence': 0.9}", [0.9]),  # missing outer brackets
-        ("{'Position': [10, 20, 50, 60], 'Confidence': 0.9}, {'Position': [10, 20, 50, 60], 'Confidence': 0.1}", [0.9, 0.1]),
+        (
+            "{'Position': [10, 20, 50, 60], 'Confidence': 0.9}, {'Position': [10, 20, 50, 60], 'Confidence': 0.1}",
+            [0.9, 0.1],
+        ),
         ("[{'Position': [10, 20, 50, 60], 'Confidence': 0.9}", [0.9]),  # missing closing bracket
-        ("{'Position': [10, 20, 50, 60], 'Confidence': 0.9}, {'Position': [10, 20, 50, 60], 'Confidence': 0.2}]", [0.9, 0.2]),
+        (
+            "{'Position': [10, 20, 50, 60], 'Confidence': 0.9}, {'Position': [10, 20, 50, 60], 'Confidence': 0.2}]",
+            [0.9, 0.2],
+        ),
         ("Sure! Here you go: [{'Position': [10, 20, 50, 60], 'Confidence': 0.9}] Hope it helps.", [0.9]),
-        ("```json\n[{\"Position\": [10, 20, 50, 60], \"Confidence\": 0.9}]\n```", [0.9]),  # fence
+        ('```json\n[{"Position": [10, 20, 50, 60], "Confidence": 0.9}]\n```', [0.9]),  # fence
         ("[{'Position': ['10', '20', '50', '60'], 'Confidence': 0.9}]", [0.9]),  # numeric strings
         ("[{'Position': (10, 20, 50, 60), 'Confidence': 0.9}]", [0.9]),  # tuple (python literal)
         ("[{'Position': [10, 20, 50, 60], 'Confidence': 0.9, 'extra': {'a': 1}}]", [0.9]),  # unknown keys
@@ -94,7 +100,10 @@ def test_empty_predictions(text) -> None:
         ("[" * 7 + "]" * 7, "too_deep"),
         ("{" * 5000, "too_deep"),
         ("[" + "1, " * 9000 + "]", "too_long"),
-        ("[{'Position': [10, 20, 50, 60], 'Confidence': 0.9}, {'Position': [10, 20, 5", "not_a_list"),  # truncated entry: never silently dropped
+        (
+            "[{'Position': [10, 20, 50, 60], 'Confidence': 0.9}, {'Position': [10, 20, 5",
+            "not_a_list",
+        ),  # truncated entry: never silently dropped
         ("[{'Position': [10, 20, 50, 60], 'Confidence': 0.9}] and [{'Position': [1, 2, 3, 4]", "not_a_list"),
     ],
 )

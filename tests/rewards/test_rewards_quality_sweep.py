@@ -34,7 +34,7 @@ NEAR_PERFECT = 0.98
 TOLERANCE = 0.05  # a sweep point may dip this much below the previous one (sampling noise)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sweep(task: str) -> list[dict]:
     """One row per quality: rewards, failures, advantages and the evaluation of every completion."""
     records = load_records("synthetic", task, num_synthetic=NUM_PROMPTS, seed=3, box_space="norm_1000")
@@ -47,13 +47,15 @@ def sweep(task: str) -> list[dict]:
         policy = ScriptedPolicy(quality=quality, class_names=class_names, seed=0)
         completions = [c for gt in ground_truths for c in policy.sample(task, gt, GROUP_SIZE)]
         scores = compute_rewards(completions, gts, TERMS[task])
-        rows.append({
-            "quality": quality,
-            "scores": scores,
-            "advantages": compute_advantages("grpo", scores.total, group_ids),
-            "metric": evaluate_completions(task, completions, gts)[METRIC[task]],
-            "parse_failures": sum(f.num_failed() for f in scores.failures.values()),
-        })
+        rows.append(
+            {
+                "quality": quality,
+                "scores": scores,
+                "advantages": compute_advantages("grpo", scores.total, group_ids),
+                "metric": evaluate_completions(task, completions, gts)[METRIC[task]],
+                "parse_failures": sum(f.num_failed() for f in scores.failures.values()),
+            }
+        )
     return rows
 
 

@@ -69,7 +69,9 @@ def test_options_are_forwarded_per_reward() -> None:
     texts = [wrap(""), wrap("cat")]
     gts = [{"label": "cat"}] * 2
     default = compute_rewards(texts, gts, [("accuracy", 1.0)])
-    compat = compute_rewards(texts, gts, [("accuracy", 1.0)], reward_options={"accuracy": {"mode": "visual_rft_compat"}})
+    compat = compute_rewards(
+        texts, gts, [("accuracy", 1.0)], reward_options={"accuracy": {"mode": "visual_rft_compat"}}
+    )
     assert default.total.tolist() == [0.0, 1.0]
     assert compat.total.tolist() == [1.0, 1.0]
 

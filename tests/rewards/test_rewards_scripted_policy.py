@@ -7,19 +7,30 @@ from helpers.scripted_policy import ScriptedPolicy
 
 from megatron_vrft.rewards import compute_rewards
 
-DET_GT = {"boxes": np.array([[10.0, 20.0, 60.0, 90.0], [100.0, 40.0, 150.0, 80.0]]),
-          "categories": ["star", "star"], "coord_space": "pixels_resized", "resized_size": (224, 168),
-          "image_size": (224, 168)}
-GROUND_GT = {"box": np.array([30.0, 30.0, 90.0, 120.0]), "coord_space": "pixels_resized",
-             "resized_size": (224, 168), "image_size": (224, 168)}
+DET_GT = {
+    "boxes": np.array([[10.0, 20.0, 60.0, 90.0], [100.0, 40.0, 150.0, 80.0]]),
+    "categories": ["star", "star"],
+    "coord_space": "pixels_resized",
+    "resized_size": (224, 168),
+    "image_size": (224, 168),
+}
+GROUND_GT = {
+    "box": np.array([30.0, 30.0, 90.0, 120.0]),
+    "coord_space": "pixels_resized",
+    "resized_size": (224, 168),
+    "image_size": (224, 168),
+}
 CLS_GT = {"label": "cat", "synonyms": ["kitty"]}
 
 
-@pytest.mark.parametrize("task, gt, reward", [
-    ("detection", DET_GT, "iou"),
-    ("grounding", GROUND_GT, "grounding_iou"),
-    ("classification", CLS_GT, "accuracy"),
-])
+@pytest.mark.parametrize(
+    "task, gt, reward",
+    [
+        ("detection", DET_GT, "iou"),
+        ("grounding", GROUND_GT, "grounding_iou"),
+        ("classification", CLS_GT, "accuracy"),
+    ],
+)
 def test_perfect_policy_scores_full_marks(task, gt, reward):
     completions = ScriptedPolicy(quality=1.0, class_names=["cat", "dog"], seed=0).sample(task, gt, 16)
     batch = compute_rewards(completions, [gt] * 16, [("format", 1.0), (reward, 1.0)])
@@ -27,11 +38,14 @@ def test_perfect_policy_scores_full_marks(task, gt, reward):
     assert batch.scores[reward].min() > 0.999
 
 
-@pytest.mark.parametrize("task, gt, reward", [
-    ("detection", DET_GT, "iou"),
-    ("grounding", GROUND_GT, "grounding_iou"),
-    ("classification", CLS_GT, "accuracy"),
-])
+@pytest.mark.parametrize(
+    "task, gt, reward",
+    [
+        ("detection", DET_GT, "iou"),
+        ("grounding", GROUND_GT, "grounding_iou"),
+        ("classification", CLS_GT, "accuracy"),
+    ],
+)
 def test_reward_decreases_with_quality(task, gt, reward):
     means = []
     for quality in (0.0, 0.5, 1.0):

@@ -62,8 +62,11 @@ def test_aggregation_matches_loop_reference(mode, seed, float_weights):
     for kwargs in ({}, {"max_response_length": 17}, {"normalizer": 5.0}):
         got = aggregate_loss(values, mask, mode, **kwargs)
         want = _ref_aggregate(
-            values.tolist(), mask.to(torch.float64).tolist(), mode,
-            kwargs.get("max_response_length"), kwargs.get("normalizer"),
+            values.tolist(),
+            mask.to(torch.float64).tolist(),
+            mode,
+            kwargs.get("max_response_length"),
+            kwargs.get("normalizer"),
         )
         assert got.shape == ()
         assert abs(got.item() - want) <= 1e-10 * max(abs(want), 1e-300), (kwargs, got.item(), want)

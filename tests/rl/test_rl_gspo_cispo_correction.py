@@ -156,6 +156,7 @@ def test_gspo_sequence_objective_and_branches():
         rows += 1
     assert res.loss.item() == pytest.approx(total / rows, rel=1e-12)
     assert 0 < res.metrics["clip_frac"].item() < 1  # both branches hit
+
     def fn(v):
         kw = dict(policy_loss="gspo", loss_agg_mode="seq-mean-token-mean", **CFG)
         return compute_grpo_loss(v, old, None, adv, mask, **kw).loss
@@ -185,8 +186,19 @@ def test_kl_importance_weighting_and_token_weights_match_loop(mode, weighted, se
     kl_coef = 0.3
     x = lp.clone().requires_grad_(True)
     res = compute_grpo_loss(
-        x, old, ref, adv, mask, loss_agg_mode=mode, kl_estimator="k3", kl_coef=kl_coef, kl_clamp=None,
-        max_response_length=8, kl_importance_weighted=weighted, token_weights=tw, **CFG,
+        x,
+        old,
+        ref,
+        adv,
+        mask,
+        loss_agg_mode=mode,
+        kl_estimator="k3",
+        kl_coef=kl_coef,
+        kl_clamp=None,
+        max_response_length=8,
+        kl_importance_weighted=weighted,
+        token_weights=tw,
+        **CFG,
     )
     res.loss.backward()
     w = _agg_weights(mask.tolist(), mode, 8)
@@ -246,7 +258,7 @@ def _ref_correction(old, roll, mask, level, mode, thr):
             d = old[b][t] - roll[b][t]
             raw = math.exp(seq if level == "sequence" else d)
             over[b][t] = raw > thr
-            w[b][t] = (min(raw, thr) if mode == "truncate" else (raw if raw <= thr else 0.0))
+            w[b][t] = min(raw, thr) if mode == "truncate" else (raw if raw <= thr else 0.0)
             n += 1
             kl += math.exp(d) - 1 - d
     valid = [(b, t) for b in range(b_sz) for t in range(t_sz) if mask[b][t]]

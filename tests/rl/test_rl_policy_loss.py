@@ -67,8 +67,14 @@ def _ref_grpo(name, lp, old, ref, adv, mask, mode, kl_name, kl_coef, kl_clamp, m
         for t in range(t_sz):
             a = adv[b][t] if isinstance(adv[b], list) else adv[b]
             loss, g, r, low, high, dual, lr = _ref_token(
-                name, lp[b][t], old[b][t], a, cfg["clip_eps_low"], cfg["clip_eps_high"],
-                cfg["clip_ratio_c"], cfg["log_ratio_clamp"],
+                name,
+                lp[b][t],
+                old[b][t],
+                a,
+                cfg["clip_eps_low"],
+                cfg["clip_eps_high"],
+                cfg["clip_ratio_c"],
+                cfg["log_ratio_clamp"],
             )
             k, kg = _ref_kl(kl_name, lp[b][t], ref[b][t], cfg["log_ratio_clamp"], kl_clamp)
             row_l.append(loss + kl_coef * k)
@@ -130,7 +136,11 @@ def _random_inputs(seed, b=None, t=None, token_adv=False, float_mask=False):
     # Log-ratios spread over [-1.5, 1.5]: every clip branch and dual-clip get hit.
     old = lp - (torch.rand(b, t, generator=gen, dtype=torch.float64) * 3 - 1.5)
     ref = lp - torch.randn(b, t, generator=gen, dtype=torch.float64)
-    adv = torch.randn(b, t, generator=gen, dtype=torch.float64) if token_adv else torch.randn(b, generator=gen, dtype=torch.float64)
+    adv = (
+        torch.randn(b, t, generator=gen, dtype=torch.float64)
+        if token_adv
+        else torch.randn(b, generator=gen, dtype=torch.float64)
+    )
     mask = torch.rand(b, t, generator=gen) > 0.3
     mask[-1] = False  # fully masked row
     if float_mask:
@@ -151,13 +161,33 @@ def test_grpo_loss_matches_loop_reference(name, mode, kl_name, seed):
     kl_coef, kl_clamp, max_len = 0.05, 1.2, 16
     x = lp.clone().requires_grad_(True)
     res = compute_grpo_loss(
-        x, old, ref, adv, mask, policy_loss=name, loss_agg_mode=mode, kl_estimator=kl_name,
-        kl_coef=kl_coef, kl_clamp=kl_clamp, max_response_length=max_len, **CFG,
+        x,
+        old,
+        ref,
+        adv,
+        mask,
+        policy_loss=name,
+        loss_agg_mode=mode,
+        kl_estimator=kl_name,
+        kl_coef=kl_coef,
+        kl_clamp=kl_clamp,
+        max_response_length=max_len,
+        **CFG,
     )
     res.loss.backward()
     want_loss, want_grad, want_metrics = _ref_grpo(
-        name, lp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.to(torch.float64).tolist(),
-        mode, kl_name, kl_coef, kl_clamp, max_len, CFG,
+        name,
+        lp.tolist(),
+        old.tolist(),
+        ref.tolist(),
+        adv.tolist(),
+        mask.to(torch.float64).tolist(),
+        mode,
+        kl_name,
+        kl_coef,
+        kl_clamp,
+        max_len,
+        CFG,
     )
     _check(res.loss.item(), want_loss, "loss")
     torch.testing.assert_close(x.grad, torch.tensor(want_grad, dtype=torch.float64), rtol=1e-10, atol=1e-300)
@@ -181,9 +211,7 @@ def test_gradcheck(name, mode):
     x = lp.clone().requires_grad_(True)
 
     def fn(v):
-        return compute_grpo_loss(
-            v, old, ref, adv, mask, policy_loss=name, loss_agg_mode=mode, kl_coef=0.1, **CFG
-        ).loss
+        return compute_grpo_loss(v, old, ref, adv, mask, policy_loss=name, loss_agg_mode=mode, kl_coef=0.1, **CFG).loss
 
     assert torch.autograd.gradcheck(fn, (x,))
     per_token = lambda v: get_policy_loss(name)(v, old, adv, **CFG).loss  # noqa: E731
@@ -216,10 +244,14 @@ def test_visual_rft_unclipped_value_and_gradient():
 def test_clip_higher_is_asymmetric():
     lp = torch.zeros(1, 2, dtype=torch.float64)
     old = torch.tensor([[-math.log(1.25), math.log(1.25)]], dtype=torch.float64)  # r = 1.25, 0.8
-    pos = get_policy_loss("ppo_clip")(lp, old, torch.tensor([1.0], dtype=torch.float64), clip_eps_low=0.2, clip_eps_high=0.28)
+    pos = get_policy_loss("ppo_clip")(
+        lp, old, torch.tensor([1.0], dtype=torch.float64), clip_eps_low=0.2, clip_eps_high=0.28
+    )
     # r = 1.25 < 1.28: not clipped with eps_high = 0.28 (it would be with a symmetric 0.2).
     assert not pos.clipped_high[0, 0] and abs(pos.loss[0, 0].item() + 1.25) < 1e-12
-    neg = get_policy_loss("ppo_clip")(lp, old, torch.tensor([-1.0], dtype=torch.float64), clip_eps_low=0.1, clip_eps_high=0.28)
+    neg = get_policy_loss("ppo_clip")(
+        lp, old, torch.tensor([-1.0], dtype=torch.float64), clip_eps_low=0.1, clip_eps_high=0.28
+    )
     assert neg.clipped_low[0, 1] and abs(neg.loss[0, 1].item() - 0.9) < 1e-12
 
 

@@ -19,8 +19,9 @@ from megatron_vrft.rollout.types import FINISH_LENGTH, FINISH_STOP, RolloutBatch
 def setup():
     tok = build_tiny_tokenizer()
     proc = build_qwen2vl_processor(tok, min_pixels=56 * 56, max_pixels=112 * 112)
-    prompts, _ = preprocess_records(load_records("synthetic", "classification", num_synthetic=3,
-                                                 synthetic_kind="color"), proc)
+    prompts, _ = preprocess_records(
+        load_records("synthetic", "classification", num_synthetic=3, synthetic_kind="color"), proc
+    )
     source = preset_source("qwen2_vl", "tiny", tok, seed=3)
     stop = tuple(tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
     return tok, prompts, source, stop
@@ -35,8 +36,13 @@ def engine_with(source, tok, blocked=()):
 def teacher_forced(model, prompt, response, temperature):
     ids = torch.cat([prompt.input_ids, response])[None]
     mm = torch.cat([prompt.mm_token_type_ids, torch.zeros(len(response), dtype=torch.long)])[None]
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
-                   pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw).logits[0]
+    logits = model(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=mm,
+        pixel_values=prompt.pixel_values,
+        image_grid_thw=prompt.image_grid_thw,
+    ).logits[0]
     p = prompt.input_ids.numel()
     lp = torch.log_softmax(logits[p - 1 : -1].double() / temperature, -1)
     return lp.gather(-1, response[:, None])[:, 0]
@@ -89,8 +95,9 @@ def test_engine_follows_a_second_update(setup):
     second = eng.generate(prompts[:1], sampling, seed=1)
     want = teacher_forced(ref, second.prompt_of(0), second.response_ids[0], 1.0)
     assert (want - second.sampling_logprobs[0].double()).abs().max() < 1e-5
-    old = teacher_forced(build_preset_hf_model("qwen2_vl", "tiny", tok, seed=3), second.prompt_of(0),
-                         second.response_ids[0], 1.0)
+    old = teacher_forced(
+        build_preset_hf_model("qwen2_vl", "tiny", tok, seed=3), second.prompt_of(0), second.response_ids[0], 1.0
+    )
     assert (old - second.sampling_logprobs[0].double()).abs().max() > 1e-3  # not the old weights
     assert first.sampling_logprobs[0].shape[0] >= 1
 
@@ -117,10 +124,22 @@ def test_blocked_tokens_are_never_sampled(setup):
 def test_rollout_batch_checks_rows(setup):
     _, prompts, _, _ = setup
     with pytest.raises(ValueError, match="disagree"):
-        RolloutBatch(prompts=prompts, group_ids=torch.tensor([0, 1]), response_ids=[torch.tensor([1])],
-                     sampling_logprobs=[torch.tensor([0.0])], finish_reasons=["stop"], texts=["a"])
+        RolloutBatch(
+            prompts=prompts,
+            group_ids=torch.tensor([0, 1]),
+            response_ids=[torch.tensor([1])],
+            sampling_logprobs=[torch.tensor([0.0])],
+            finish_reasons=["stop"],
+            texts=["a"],
+        )
     with pytest.raises(ValueError, match="group ids outside"):
-        RolloutBatch(prompts=prompts, group_ids=torch.tensor([7]), response_ids=[torch.tensor([1])],
-                     sampling_logprobs=[torch.tensor([0.0])], finish_reasons=["stop"], texts=["a"])
+        RolloutBatch(
+            prompts=prompts,
+            group_ids=torch.tensor([7]),
+            response_ids=[torch.tensor([1])],
+            sampling_logprobs=[torch.tensor([0.0])],
+            finish_reasons=["stop"],
+            texts=["a"],
+        )
     with pytest.raises(ValueError, match="n must be 1"):
         SamplingParams(n=2, greedy=True)

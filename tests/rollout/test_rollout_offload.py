@@ -23,12 +23,14 @@ def _step(actor, mbs):
 def test_offload_round_trip_is_bit_exact_and_training_continues_identically():
     tok = build_tiny_tokenizer()
     proc = build_qwen2vl_processor(tok, min_pixels=56 * 56, max_pixels=56 * 56)
-    prompts, _ = preprocess_records(load_records("synthetic", "classification", num_synthetic=2,
-                                                 synthetic_kind="color"), proc)
+    prompts, _ = preprocess_records(
+        load_records("synthetic", "classification", num_synthetic=2, synthetic_kind="color"), proc
+    )
     responses = [torch.tensor(tok.encode("<think>x</think> <answer>red</answer>")) for _ in prompts]
     source = preset_source("qwen2_vl", "tiny", tok, seed=0)
-    settings = OptimizerSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99), grad_clip=1.0, warmup_steps=0,
-                                 total_steps=10)
+    settings = OptimizerSettings(
+        lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99), grad_clip=1.0, warmup_steps=0, total_steps=10
+    )
     with single_rank_world() as groups:
         mbs = build_micro_batches(source.arch, prompts, responses, micro_batch_tokens=4096, pad_token_id=0)
         moved = PolicyActor(build_policy(source, ParallelLayout(), groups), groups, settings)

@@ -62,9 +62,14 @@ def engine(fx):
     from megatron_vrft.rollout.vllm_engine import VLLMEngine
 
     eng = VLLMEngine(
-        fx.source.arch, tokenizer=fx.tokenizer, blocked_token_ids=fx.blocked, dtype=torch.float32,
-        min_pixels=fx.pixels, max_pixels=fx.pixels, seed=0,
-    )  # fmt: skip
+        fx.source.arch,
+        tokenizer=fx.tokenizer,
+        blocked_token_ids=fx.blocked,
+        dtype=torch.float32,
+        min_pixels=fx.pixels,
+        max_pixels=fx.pixels,
+        seed=0,
+    )
     yield eng
     eng.close()
 
@@ -194,8 +199,13 @@ def test_image_tokens_never_sampled(fx, engine):
             p, r = batch.prompt_of(i), batch.response_ids[i]
             ids = torch.cat([p.input_ids, r])[None]
             mm = torch.cat([p.mm_token_type_ids, torch.zeros(len(r), dtype=torch.long)])[None]
-            out = ref(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
-                      pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw)  # fmt: skip
+            out = ref(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                mm_token_type_ids=mm,
+                pixel_values=p.pixel_values,
+                image_grid_thw=p.image_grid_thw,
+            )
             logits = out.logits[0, len(p.input_ids) - 1 : -1]
             p_pad.append(torch.softmax(logits.float(), -1)[:, pad])
     p_pad = torch.cat(p_pad)

@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
 # -- shared with test_rollout_vllm_engine.py (which imports this module) ---------------------------
 PIXELS = 56 * 56
 
@@ -50,9 +49,12 @@ def build_fixture() -> Fixture:
     records = load_records("synthetic", "classification", num_synthetic=4, synthetic_kind="color")
     prompts, _ = preprocess_records(records, build_qwen2vl_processor(tok, min_pixels=PIXELS, max_pixels=PIXELS))
     return Fixture(
-        tokenizer=tok, source=source, prompts=prompts, blocked=vision_token_ids(tok, source.arch.vocab_size),
+        tokenizer=tok,
+        source=source,
+        prompts=prompts,
+        blocked=vision_token_ids(tok, source.arch.vocab_size),
         stop_token_ids=(tok.convert_tokens_to_ids("<|im_end|>"),),
-    )  # fmt: skip
+    )
 
 
 def hf_model(fx: Fixture, weights: Mapping[str, Any]):
@@ -126,8 +128,14 @@ def main(out_dir: str) -> None:
 
     # -- 1. TP = 2 -------------------------------------------------------------------------------
     t0 = time.time()
-    engine = VLLMEngine(fx.source.arch, tokenizer=fx.tokenizer, blocked_token_ids=fx.blocked, tensor_parallel_size=2,
-                        min_pixels=fx.pixels, max_pixels=fx.pixels)  # fmt: skip
+    engine = VLLMEngine(
+        fx.source.arch,
+        tokenizer=fx.tokenizer,
+        blocked_token_ids=fx.blocked,
+        tensor_parallel_size=2,
+        min_pixels=fx.pixels,
+        max_pixels=fx.pixels,
+    )
     result["tp2_layout"] = [engine.num_replicas, engine.replica_index, engine.tp_rank]
     engine.update_weights(fx.source.weights.items())
     batch = engine.generate(fx.prompts, sampling, seed=seed)
@@ -146,8 +154,14 @@ def main(out_dir: str) -> None:
 
     # -- 2. TP = 1, two replicas ------------------------------------------------------------------
     t0 = time.time()
-    engine = VLLMEngine(fx.source.arch, tokenizer=fx.tokenizer, blocked_token_ids=fx.blocked, tensor_parallel_size=1,
-                        min_pixels=fx.pixels, max_pixels=fx.pixels)  # fmt: skip
+    engine = VLLMEngine(
+        fx.source.arch,
+        tokenizer=fx.tokenizer,
+        blocked_token_ids=fx.blocked,
+        tensor_parallel_size=1,
+        min_pixels=fx.pixels,
+        max_pixels=fx.pixels,
+    )
     result["dp_layout"] = [engine.num_replicas, engine.replica_index, engine.tp_rank]
     engine.update_weights(fx.source.weights.items())
     # uneven split (3 + 1 prompts): replicas run independently, neither waits for the other

@@ -34,9 +34,33 @@ def load_tool():
 
 def _run_tool(tmp: Path) -> dict:
     out = tmp / "bench.json"
-    cmd = [sys.executable, str(TOOL), "--preset", "cpu-small", "--device", "cpu", "--interpret",
-           "--tokens", str(N), "--vocab", str(2 * V), "--tp", "2", "--hidden", str(H),
-           "--boxes", "1x300x200,2x9x13", "--grpo", "3x40", "--repeats", "2", "--warmup", "1", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(TOOL),
+        "--preset",
+        "cpu-small",
+        "--device",
+        "cpu",
+        "--interpret",
+        "--tokens",
+        str(N),
+        "--vocab",
+        str(2 * V),
+        "--tp",
+        "2",
+        "--hidden",
+        str(H),
+        "--boxes",
+        "1x300x200,2x9x13",
+        "--grpo",
+        "3x40",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -84,7 +108,9 @@ def test_numbers_are_sane(report):
     # output alone is B * N * M fp32, so peak memory grows with the shape.
     box_rows = [r for r in data["results"] if r["kernel"] == "box_iou"]
     assert [r["shape"] for r in box_rows[:: len(EXPECTED["box_iou"])]] == [
-        {"B": 1, "N": 300, "M": 200}, {"B": 2, "N": 9, "M": 13}]
+        {"B": 1, "N": 300, "M": 200},
+        {"B": 2, "N": 9, "M": 13},
+    ]
     for r in box_rows:
         if r["impl"] != "triton":  # the interpreter's buffers are numpy, not counted
             shape = r["shape"]

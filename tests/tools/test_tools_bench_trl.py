@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "bench_trl.py"
 TINY = ["--steps", "2", "--skip", "0", "--prompts-per-step", "2", "--num-synthetic", "8"]
@@ -17,9 +16,14 @@ TINY = ["--steps", "2", "--skip", "0", "--prompts-per-step", "2", "--num-synthet
 
 def _run(tmp_path: Path, runs: str) -> tuple[str, dict]:
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(TOOL), *TINY, "--runs", runs, "--json", str(out)],
-                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), *TINY, "--runs", runs, "--json", str(out)],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
 

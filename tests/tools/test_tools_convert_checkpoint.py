@@ -28,13 +28,35 @@ def load_tool():
 
 def save_tiny(path, *, seed: int):
     text = dict(
-        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-    )  # fmt: skip
-    vision = dict(depth=2, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=2, patch_size=4,
-                  spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])  # fmt: skip
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=300, video_token_id=301,
-                           vision_start_token_id=302, vision_end_token_id=303, tie_word_embeddings=True)  # fmt: skip
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+    )
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=48,
+        out_hidden_size=64,
+        num_heads=2,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=16,
+        fullatt_block_indexes=[1],
+    )
+    cfg = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=300,
+        video_token_id=301,
+        vision_start_token_id=302,
+        vision_end_token_id=303,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg)
     with torch.no_grad():

@@ -22,9 +22,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_tool(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), *map(str, args)], check=False,
-                          cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "evaluate.py"), *map(str, args)],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def evaluate_run(cfg, predictions, protocol="coco"):
@@ -37,10 +43,14 @@ def evaluate_run(cfg, predictions, protocol="coco"):
 
 def write_config(tmp_path, task):
     path = tmp_path / f"{task}.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"family": "qwen2_vl"},
-        "data": {"source": "synthetic", "task": task, "num_synthetic": 5, "max_pixels": 12544},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"family": "qwen2_vl"},
+                "data": {"source": "synthetic", "task": task, "num_synthetic": 5, "max_pixels": 12544},
+            }
+        )
+    )
     return path
 
 
@@ -48,8 +58,9 @@ def perfect_predictions(cfg, tmp_path, drop_last=False):
     # ground truth as the evaluator sees it, turned into perfect answers by the scripted policy
     import megatron_vrft.data as data
 
-    records = data.load_records("synthetic", cfg.data.task, num_synthetic=cfg.data.num_synthetic,
-                                box_space=cfg.data.coord_space)
+    records = data.load_records(
+        "synthetic", cfg.data.task, num_synthetic=cfg.data.num_synthetic, box_space=cfg.data.coord_space
+    )
     processor = data.build_image_processor(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     policy = ScriptedPolicy(quality=1.0, seed=0)
     rows = []

@@ -30,21 +30,42 @@ def checkpoint(tmp_path_factory):
 def run(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "evaluate.py"), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 # detection: the synthetic scenes at 224 x 224 in Qwen2-VL's native box space, with its rewards
-DETECTION = ["data.task=detection", "data.coord_space=norm_1000", "data.max_pixels=50176",
-             "reward.terms=[{name: format}, {name: iou}, {name: confidence}]"]
+DETECTION = [
+    "data.task=detection",
+    "data.coord_space=norm_1000",
+    "data.max_pixels=50176",
+    "reward.terms=[{name: format}, {name: iou}, {name: confidence}]",
+]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task,overrides", [("classification", []), ("detection", DETECTION)])
 def test_evaluate_checkpoint_writes_report_and_resumes(checkpoint, tmp_path, task, overrides):
     cfg = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
-    args = ["--config", cfg, "--checkpoint", checkpoint, "--output-dir", tmp_path, "--batch-size", "3",
-            "data.num_synthetic=5", "rollout.max_new_tokens=6", *overrides]
+    args = [
+        "--config",
+        cfg,
+        "--checkpoint",
+        checkpoint,
+        "--output-dir",
+        tmp_path,
+        "--batch-size",
+        "3",
+        "data.num_synthetic=5",
+        "rollout.max_new_tokens=6",
+        *overrides,
+    ]
     proc = run(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     preds = (tmp_path / "predictions.jsonl").read_text().splitlines()
@@ -60,8 +81,14 @@ def test_evaluate_checkpoint_writes_report_and_resumes(checkpoint, tmp_path, tas
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):
-    proc = run("--config", ROOT / "examples" / "configs" / "tiny_cpu.yaml", "--checkpoint", tmp_path / "nope",
-               "--output-dir", tmp_path)
+    proc = run(
+        "--config",
+        ROOT / "examples" / "configs" / "tiny_cpu.yaml",
+        "--checkpoint",
+        tmp_path / "nope",
+        "--output-dir",
+        tmp_path,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "nope" in proc.stderr and "config.json" in proc.stderr
 
@@ -71,8 +98,14 @@ def test_megatron_checkpoint_answers_like_the_hf_one(checkpoint, tmp_path):
     from megatron_vrft.models.conversion import convert_hf_to_megatron
 
     megatron = convert_hf_to_megatron(checkpoint, tmp_path / "mg", tp_size=2, progress=False)
-    common = ["--config", ROOT / "examples" / "configs" / "tiny_cpu.yaml", "--batch-size", "4",
-              "data.num_synthetic=6", "rollout.max_new_tokens=8"]
+    common = [
+        "--config",
+        ROOT / "examples" / "configs" / "tiny_cpu.yaml",
+        "--batch-size",
+        "4",
+        "data.num_synthetic=6",
+        "rollout.max_new_tokens=8",
+    ]
     answers = {}
     for name, ckpt in (("hf", checkpoint), ("megatron", megatron)):
         proc = run(*common, "--checkpoint", ckpt, "--output-dir", tmp_path / name)
@@ -97,14 +130,20 @@ def write_coco(root: Path, sizes, *, bad_box_image: int | None = None) -> Path:
         box = [0, 0, min(w, 40), min(h, 30)] if i != bad_box_image else [10, 10, -5, 8]
         annotations.append({"id": i, "image_id": i, "category_id": 1, "bbox": box, "area": 1.0, "iscrowd": 0})
     path = root / "instances.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": [{"id": 1, "name": "cat"}]}))
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "cat"}]})
+    )
     return path
 
 
 def coco_overrides(path: Path):
-    return [*DETECTION, "data.source=coco", f"data.path={path}", f"data.image_root={path.parent / 'images'}",
-            "rollout.max_new_tokens=6"]
+    return [
+        *DETECTION,
+        "data.source=coco",
+        f"data.path={path}",
+        f"data.image_root={path.parent / 'images'}",
+        "rollout.max_new_tokens=6",
+    ]
 
 
 def test_bad_annotation_stops_before_anything_is_generated(tmp_path):
@@ -114,8 +153,15 @@ def test_bad_annotation_stops_before_anything_is_generated(tmp_path):
     (stub / "config.json").write_text("{}")
     data = write_coco(tmp_path / "coco", [(64, 48)] * 3, bad_box_image=2)
     out = tmp_path / "out"
-    proc = run("--config", ROOT / "examples" / "configs" / "tiny_cpu.yaml", "--checkpoint", stub,
-               "--output-dir", out, *coco_overrides(data))
+    proc = run(
+        "--config",
+        ROOT / "examples" / "configs" / "tiny_cpu.yaml",
+        "--checkpoint",
+        stub,
+        "--output-dir",
+        out,
+        *coco_overrides(data),
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -128,8 +174,17 @@ def test_unusable_image_counts_as_a_missing_prediction(checkpoint, tmp_path):
     # it is skipped at generation, listed, and scored as an empty answer
     data = write_coco(tmp_path / "coco", [(64, 48), (500, 2), (56, 56)])
     out = tmp_path / "out"
-    proc = run("--config", ROOT / "examples" / "configs" / "tiny_cpu.yaml", "--checkpoint", checkpoint,
-               "--output-dir", out, "--batch-size", "2", *coco_overrides(data))
+    proc = run(
+        "--config",
+        ROOT / "examples" / "configs" / "tiny_cpu.yaml",
+        "--checkpoint",
+        checkpoint,
+        "--output-dir",
+        out,
+        "--batch-size",
+        "2",
+        *coco_overrides(data),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 records could not be used" in proc.stderr and "image id 2" in proc.stderr
     preds = [json.loads(line)["source_id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -161,14 +216,23 @@ def test_undecodable_image_is_skipped_at_generation_and_scored_missing(tmp_path)
     class Engine:  # answers every prompt with its ground-truth box; refuses the broken record
         def generate(self, batch, sampling, *, seed):
             assert all(e.source_id != records[1].source_id for e in batch)
-            texts = [f"<think>.</think><answer>[{{\"bbox_2d\": {[round(v) for v in e.ground_truth.boxes[0]]}, "
-                     f"\"label\": \"cat\"}}]</answer>" for e in batch]
-            return type("Batch", (), {"texts": texts, "__len__": lambda s: len(texts),
-                                      "prompt_of": lambda s, i: batch[i]})()
+            texts = [
+                f'<think>.</think><answer>[{{"bbox_2d": {[round(v) for v in e.ground_truth.boxes[0]]}, '
+                f'"label": "cat"}}]</answer>'
+                for e in batch
+            ]
+            return type(
+                "Batch", (), {"texts": texts, "__len__": lambda s: len(texts), "prompt_of": lambda s, i: batch[i]}
+            )()
 
     part = generate_predictions(Engine(), examples, None, tmp_path / "out", batch_size=2)
-    metrics = score_predictions(cfg.data.task, [r.source_id for r in records], ground_truths,
-                                read_predictions(part), **builders.eval_score_options(cfg.data, cfg.reward, records))
+    metrics = score_predictions(
+        cfg.data.task,
+        [r.source_id for r in records],
+        ground_truths,
+        read_predictions(part),
+        **builders.eval_score_options(cfg.data, cfg.reward, records),
+    )
     assert metrics["missing_predictions"] == 1 and metrics["num_samples"] == 3
     assert 0.0 < metrics["AP50"] < 1.0  # two of three images found, the third's box missed
 

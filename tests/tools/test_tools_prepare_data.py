@@ -15,8 +15,9 @@ TOOL = ROOT / "tools" / "prepare_data.py"
 
 def run_tool(*args):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(TOOL), *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def write_coco(root: Path) -> Path:
@@ -27,19 +28,35 @@ def write_coco(root: Path) -> Path:
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i}.png")
         images.append({"id": i, "file_name": f"{i}.png", "width": w, "height": h})
         for cat in rng.choice(4, size=2, replace=False) + 1:
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(cat), "bbox": [1, 1, 8, 8],
-                         "area": 64.0, "iscrowd": int(rng.random() < 0.2)})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": int(cat),
+                    "bbox": [1, 1, 8, 8],
+                    "area": 64.0,
+                    "iscrowd": int(rng.random() < 0.2),
+                }
+            )
     path = root / "instances.json"
-    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [
-        {"id": c, "name": n} for c, n in enumerate(["cat", "dog", "bus", "stop sign"], 1)]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": anns,
+                "categories": [{"id": c, "name": n} for c, n in enumerate(["cat", "dog", "bus", "stop sign"], 1)],
+            }
+        )
+    )
     return path
 
 
 def test_coco_subcommand_writes_subset_and_summary(tmp_path):
     ann = write_coco(tmp_path)
     out = tmp_path / "sub" / "fewshot.json"
-    res = run_tool("coco", "--annotations", ann, "--out", out, "--k", 2, "--seed", 4,
-                   "--categories", "cat", "stop sign")
+    res = run_tool(
+        "coco", "--annotations", ann, "--out", out, "--k", 2, "--seed", 4, "--categories", "cat", "stop sign"
+    )
     assert res.returncode == 0, res.stderr
     data = json.loads(out.read_text())
     shots = {}
@@ -55,10 +72,12 @@ def test_coco_subcommand_writes_subset_and_summary(tmp_path):
 
 
 def test_missing_input_is_one_line_without_traceback(tmp_path):
-    for args in (("coco", "--annotations", tmp_path / "nope.json", "--out", tmp_path / "o.json", "--k", 1),
-                 ("image-folder", "--dataset", "pets", "--root", tmp_path / "nope", "--out", tmp_path / "o", "--k", 1),
-                 ("lisa", "--root", tmp_path / "nope", "--out", tmp_path / "o"),
-                 ("visual-rft", "--source", tmp_path / "nope.parquet", "--out", tmp_path / "o")):
+    for args in (
+        ("coco", "--annotations", tmp_path / "nope.json", "--out", tmp_path / "o.json", "--k", 1),
+        ("image-folder", "--dataset", "pets", "--root", tmp_path / "nope", "--out", tmp_path / "o", "--k", 1),
+        ("lisa", "--root", tmp_path / "nope", "--out", tmp_path / "o"),
+        ("visual-rft", "--source", tmp_path / "nope.parquet", "--out", tmp_path / "o"),
+    ):
         res = run_tool(*args)
         assert res.returncode == 2
         lines = res.stderr.strip().splitlines()

@@ -21,12 +21,18 @@ def test_lm_forward_flops_equal_flop_counter(seed, kv_heads):
     half = hidden // heads // 2
     mrope = [half - 2 * (half // 3), half // 3, half // 3]
     config = Qwen2VLConfig(
-        text_config=dict(hidden_size=hidden, intermediate_size=int(torch.randint(100, 300, (1,), generator=g)),
-                         num_hidden_layers=int(torch.randint(1, 4, (1,), generator=g)), num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, vocab_size=512, rope_scaling={"type": "mrope", "mrope_section": mrope},
-                         tie_word_embeddings=False),
+        text_config=dict(
+            hidden_size=hidden,
+            intermediate_size=int(torch.randint(100, 300, (1,), generator=g)),
+            num_hidden_layers=int(torch.randint(1, 4, (1,), generator=g)),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            vocab_size=512,
+            rope_scaling={"type": "mrope", "mrope_section": mrope},
+            tie_word_embeddings=False,
+        ),
         vision_config=dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2),
-    )  # fmt: skip
+    )
     # eager attention: explicit matmuls, which FlopCounterMode counts on any device (its SDPA
     # formulas cover the CUDA kernels, not the CPU flash kernel)
     config._attn_implementation = "eager"

@@ -10,8 +10,10 @@ from megatron_vrft.trainer.metrics import WANDB_ID_FILE, MetricsLogger
 
 
 def _steps(rng: random.Random, steps) -> dict[int, dict]:
-    return {s: {"phase": "grpo", "reward/total": rng.uniform(0, 2), "loss": rng.uniform(-1, 1), "note": "text"}
-            for s in steps}
+    return {
+        s: {"phase": "grpo", "reward/total": rng.uniform(0, 2), "loss": rng.uniform(-1, 1), "note": "text"}
+        for s in steps
+    }
 
 
 def _tensorboard_scalars(run_dir) -> dict[tuple[str, int], float]:
@@ -58,14 +60,22 @@ def test_wandb_offline_run_continues_after_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy)
     rng = random.Random(5)
-    log = MetricsLogger(tmp_path, active=True, jsonl=False, tensorboard=False, resume_step=None,
-                        wandb_project="megatron-vrft-test", config={"trainer": {"seed": 1}})
+    log = MetricsLogger(
+        tmp_path,
+        active=True,
+        jsonl=False,
+        tensorboard=False,
+        resume_step=None,
+        wandb_project="megatron-vrft-test",
+        config={"trainer": {"seed": 1}},
+    )
     for s, m in _steps(rng, range(1, 4)).items():
         log.log(s, m)
     log.close()
     run_id = (tmp_path / WANDB_ID_FILE).read_text()
-    log = MetricsLogger(tmp_path, active=True, jsonl=False, tensorboard=False, resume_step=3,
-                        wandb_project="megatron-vrft-test")
+    log = MetricsLogger(
+        tmp_path, active=True, jsonl=False, tensorboard=False, resume_step=3, wandb_project="megatron-vrft-test"
+    )
     later = _steps(rng, range(4, 6))
     for s, m in later.items():
         log.log(s, m)

@@ -87,8 +87,22 @@ def agg_weights(mask: torch.Tensor, mode: str, normalizer: float, length: int = 
     raise AssertionError(mode)
 
 
-def reference(mb, lp, ent, *, policy_loss, mode, eps_low, eps_high, clip_c, kl_coef, ent_coef, normalizer,
-              total_tokens, correction=None):
+def reference(
+    mb,
+    lp,
+    ent,
+    *,
+    policy_loss,
+    mode,
+    eps_low,
+    eps_high,
+    clip_c,
+    kl_coef,
+    ent_coef,
+    normalizer,
+    total_tokens,
+    correction=None,
+):
     """Loss, d loss / d logprobs, d loss / d entropy and the stats, from the formulas (float64)."""
     d = lambda t: t.detach().double()  # noqa: E731
     m, lp, ent = d(mb.response_mask), d(lp), d(ent)
@@ -129,28 +143,33 @@ def reference(mb, lp, ent, *, policy_loss, mode, eps_low, eps_high, clip_c, kl_c
         loss = loss + kl_coef * (aw * kl).sum()
         grad_lp = grad_lp + kl_coef * aw * (1 - torch.exp(x))
     mis = (samp - lp) * m
-    stats.update({
-        "loss": float(loss),
-        "entropy": float((aw * ent).sum()),
-        "clip_frac_low": float((low.double() * m).sum() / total_tokens),
-        "clip_frac_high": float((high.double() * m).sum() / total_tokens),
-        "clip_frac": float(((low | high).double() * m).sum() / total_tokens),
-        "approx_kl": float(((r - 1 - torch.log(r)) * m).sum() / total_tokens),
-        "ratio_mean": float((r * m).sum() / total_tokens),
-        "rollout/logprob_abs_diff_mean": float(mis.abs().sum() / total_tokens),
-        "rollout/logprob_abs_diff_max": float(mis.abs().max()),
-        "rollout/kl_k3": float(((torch.exp(samp - lp) - (samp - lp) - 1) * m).sum() / total_tokens),
-    })  # fmt: skip
+    stats.update(
+        {
+            "loss": float(loss),
+            "entropy": float((aw * ent).sum()),
+            "clip_frac_low": float((low.double() * m).sum() / total_tokens),
+            "clip_frac_high": float((high.double() * m).sum() / total_tokens),
+            "clip_frac": float(((low | high).double() * m).sum() / total_tokens),
+            "approx_kl": float(((r - 1 - torch.log(r)) * m).sum() / total_tokens),
+            "ratio_mean": float((r * m).sum() / total_tokens),
+            "rollout/logprob_abs_diff_mean": float(mis.abs().sum() / total_tokens),
+            "rollout/logprob_abs_diff_max": float(mis.abs().max()),
+            "rollout/kl_k3": float(((torch.exp(samp - lp) - (samp - lp) - 1) * m).sum() / total_tokens),
+        }
+    )
     return float(loss), grad_lp, -ent_coef * aw, stats
 
 
 def run_loss_fn(cfg, mb, lp, ent, *, normalizer, total_tokens):
     a = cfg.algorithm
     loss_fn = loop.build_grpo_loss_fn(
-        builders.grpo_loss_options(a), correction=builders.rollout_correction_options(a),
-        entropy_coef=a.entropy_coef, normalizer=normalizer, total_tokens=total_tokens,
+        builders.grpo_loss_options(a),
+        correction=builders.rollout_correction_options(a),
+        entropy_coef=a.entropy_coef,
+        normalizer=normalizer,
+        total_tokens=total_tokens,
         max_response_length=cfg.rollout.max_new_tokens,  # as grpo_step passes it
-    )  # fmt: skip
+    )
     lp_, ent_ = leaves(lp, ent)
     loss, stats = loss_fn(mb, lp_, ent_)
     loss.backward()
@@ -159,8 +178,19 @@ def run_loss_fn(cfg, mb, lp, ent, *, normalizer, total_tokens):
 
 
 def base_keys():
-    return {"loss", "pg_loss", "entropy", "rollout/logprob_abs_diff_mean", "rollout/logprob_abs_diff_max",
-            "rollout/kl_k3", "clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean"}
+    return {
+        "loss",
+        "pg_loss",
+        "entropy",
+        "rollout/logprob_abs_diff_mean",
+        "rollout/logprob_abs_diff_max",
+        "rollout/kl_k3",
+        "clip_frac",
+        "clip_frac_low",
+        "clip_frac_high",
+        "approx_kl",
+        "ratio_mean",
+    }
 
 
 def assert_stats(stats, want, *, rtol=1e-9, atol=1e-12):
@@ -172,28 +202,67 @@ def assert_stats(stats, want, *, rtol=1e-9, atol=1e-12):
 CASES = {
     # name: (overrides, policy loss, aggregation, correction (level, mode, threshold) or None)
     "ppo_clip-token-mean-kl-entropy": (
-        ["algorithm.clip_eps_low=0.15", "algorithm.clip_eps_high=0.28", "algorithm.kl_coef=0.07",
-         "algorithm.entropy_coef=0.013"], "ppo_clip", "token-mean", None),
+        [
+            "algorithm.clip_eps_low=0.15",
+            "algorithm.clip_eps_high=0.28",
+            "algorithm.kl_coef=0.07",
+            "algorithm.entropy_coef=0.013",
+        ],
+        "ppo_clip",
+        "token-mean",
+        None,
+    ),
     "ppo_clip-seq-mean-token-mean-kl": (
-        ["algorithm.loss_agg_mode=seq-mean-token-mean", "algorithm.kl_coef=0.2", "algorithm.entropy_coef=0.05",
-         "algorithm.clip_eps_high=0.3"], "ppo_clip", "seq-mean-token-mean", None),
+        [
+            "algorithm.loss_agg_mode=seq-mean-token-mean",
+            "algorithm.kl_coef=0.2",
+            "algorithm.entropy_coef=0.05",
+            "algorithm.clip_eps_high=0.3",
+        ],
+        "ppo_clip",
+        "seq-mean-token-mean",
+        None,
+    ),
     "ppo_clip-seq-mean-token-sum": (
         ["algorithm.loss_agg_mode=seq-mean-token-sum", "algorithm.entropy_coef=0.02"],
-        "ppo_clip", "seq-mean-token-sum", None),
+        "ppo_clip",
+        "seq-mean-token-sum",
+        None,
+    ),
     "ppo_clip-seq-mean-token-sum-norm": (
         ["algorithm.loss_agg_mode=seq-mean-token-sum-norm", "algorithm.kl_coef=0.1"],
-        "ppo_clip", "seq-mean-token-sum-norm", None),
+        "ppo_clip",
+        "seq-mean-token-sum-norm",
+        None,
+    ),
     "dual_clip-token-mean": (
         ["algorithm.policy_loss=dual_clip", "algorithm.clip_ratio_c=1.4", "algorithm.clip_eps_low=0.1"],
-        "dual_clip", "token-mean", None),
+        "dual_clip",
+        "token-mean",
+        None,
+    ),
     "ppo_clip-token-correction-truncate": (
-        ["algorithm.rollout_correction=token", "algorithm.rollout_correction_threshold=1.2",
-         "algorithm.entropy_coef=0.01"], "ppo_clip", "token-mean", ("token", "truncate", 1.2)),
+        [
+            "algorithm.rollout_correction=token",
+            "algorithm.rollout_correction_threshold=1.2",
+            "algorithm.entropy_coef=0.01",
+        ],
+        "ppo_clip",
+        "token-mean",
+        ("token", "truncate", 1.2),
+    ),
     "ppo_clip-sequence-correction-mask": (
-        ["algorithm.rollout_correction=sequence", "algorithm.rollout_correction_mode=mask",
-         "algorithm.rollout_correction_threshold=1.5", "algorithm.loss_agg_mode=seq-mean-token-mean"],
-        "ppo_clip", "seq-mean-token-mean", ("sequence", "mask", 1.5)),
-}  # fmt: skip
+        [
+            "algorithm.rollout_correction=sequence",
+            "algorithm.rollout_correction_mode=mask",
+            "algorithm.rollout_correction_threshold=1.5",
+            "algorithm.loss_agg_mode=seq-mean-token-mean",
+        ],
+        "ppo_clip",
+        "seq-mean-token-mean",
+        ("sequence", "mask", 1.5),
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -211,10 +280,20 @@ def test_grpo_loss_fn_matches_formulas(case):
     normalizer = total_tokens if mode == "token-mean" else B + 2.0
     loss, g_lp, g_ent, stats = run_loss_fn(cfg, mb, lp, ent, normalizer=normalizer, total_tokens=total_tokens)
     want_loss, want_g_lp, want_g_ent, want = reference(
-        mb, lp, ent, policy_loss=policy, mode=mode, eps_low=a.clip_eps_low, eps_high=a.clip_eps_high,
-        clip_c=a.clip_ratio_c, kl_coef=a.kl_coef, ent_coef=a.entropy_coef, normalizer=normalizer,
-        total_tokens=total_tokens, correction=correction,
-    )  # fmt: skip
+        mb,
+        lp,
+        ent,
+        policy_loss=policy,
+        mode=mode,
+        eps_low=a.clip_eps_low,
+        eps_high=a.clip_eps_high,
+        clip_c=a.clip_ratio_c,
+        kl_coef=a.kl_coef,
+        ent_coef=a.entropy_coef,
+        normalizer=normalizer,
+        total_tokens=total_tokens,
+        correction=correction,
+    )
     assert loss.dtype == torch.float64
     assert float(loss) == pytest.approx(want_loss, rel=1e-12, abs=1e-14)
     torch.testing.assert_close(g_lp, want_g_lp, rtol=1e-10, atol=1e-13)
@@ -235,9 +314,19 @@ def test_grpo_loss_fn_float32_matches_formulas():
     total = mb.num_tokens + 4.0
     loss, g_lp, g_ent, stats = run_loss_fn(cfg, mb, lp, ent, normalizer=total, total_tokens=total)
     want_loss, want_g_lp, want_g_ent, want = reference(
-        mb, lp, ent, policy_loss="ppo_clip", mode="token-mean", eps_low=a.clip_eps_low, eps_high=a.clip_eps_high,
-        clip_c=a.clip_ratio_c, kl_coef=a.kl_coef, ent_coef=a.entropy_coef, normalizer=total, total_tokens=total,
-    )  # fmt: skip
+        mb,
+        lp,
+        ent,
+        policy_loss="ppo_clip",
+        mode="token-mean",
+        eps_low=a.clip_eps_low,
+        eps_high=a.clip_eps_high,
+        clip_c=a.clip_ratio_c,
+        kl_coef=a.kl_coef,
+        ent_coef=a.entropy_coef,
+        normalizer=total,
+        total_tokens=total,
+    )
     assert float(loss) == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
     torch.testing.assert_close(g_lp.double(), want_g_lp, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(g_ent.double(), want_g_ent, rtol=1e-5, atol=1e-7)
@@ -264,9 +353,17 @@ def test_micro_batch_losses_and_stats_add_up_to_the_whole_batch():
     """Gradient accumulation: with the global normalizer, the loss of two micro-batches (rows 0-1,
     row 2) sums to the loss of one, and ``sum_micro_batch_stats`` of their stats gives the whole
     batch's stats (pre-weighted means summed, ``*_max`` by max)."""
-    for mode, overrides in (("token-mean", []), ("seq-mean-token-mean", ["algorithm.loss_agg_mode=seq-mean-token-mean"])):
-        cfg = load("algorithm.kl_coef=0.1", "algorithm.entropy_coef=0.03", "algorithm.rollout_correction=token",
-                   "algorithm.rollout_correction_threshold=1.3", *overrides)
+    for mode, overrides in (
+        ("token-mean", []),
+        ("seq-mean-token-mean", ["algorithm.loss_agg_mode=seq-mean-token-mean"]),
+    ):
+        cfg = load(
+            "algorithm.kl_coef=0.1",
+            "algorithm.entropy_coef=0.03",
+            "algorithm.rollout_correction=token",
+            "algorithm.rollout_correction_threshold=1.3",
+            *overrides,
+        )
         mb, lp, ent = fake_micro_batch(11)
         total = float(mb.num_tokens)
         norm = total if mode == "token-mean" else float(B)
@@ -292,8 +389,11 @@ def test_every_loss_stat_survives_the_reduction():
     mb, lp, ent = fake_micro_batch(5)
     *_, stats = run_loss_fn(cfg, mb, lp, ent, normalizer=10.0, total_tokens=10.0)
     for mode in ("truncate", "mask"):
-        cfg = load("algorithm.kl_coef=0.1", "algorithm.rollout_correction=sequence",
-                   f"algorithm.rollout_correction_mode={mode}")
+        cfg = load(
+            "algorithm.kl_coef=0.1",
+            "algorithm.rollout_correction=sequence",
+            f"algorithm.rollout_correction_mode={mode}",
+        )
         stats.update(run_loss_fn(cfg, mb, lp, ent, normalizer=10.0, total_tokens=10.0)[3])
     assert set(loop.sum_micro_batch_stats([stats], sums=loop.SUMMED_STATS)) == set(stats)
 
@@ -305,15 +405,36 @@ DIRECT = {
     "gspo": dict(policy_loss="gspo", clip_eps_low=3e-2, clip_eps_high=4e-2, loss_agg_mode="seq-mean-token-mean"),
     "cispo": dict(policy_loss="cispo", clip_eps_low=1.0, clip_eps_high=0.25, kl_coef=0.1, kl_estimator="k2"),
     "dual_clip": dict(policy_loss="dual_clip", clip_ratio_c=1.3, kl_coef=0.2, kl_clamp=0.05, kl_estimator="k1"),
-    "ppo_clip-kl_iw": dict(policy_loss="ppo_clip", kl_coef=0.3, kl_importance_weighted=True, clip_eps_low=0.05,
-                           loss_agg_mode="seq-mean-token-sum-norm"),
-    "cispo-correction": dict(policy_loss="cispo", rollout_correction="sequence", rollout_correction_mode="mask",
-                             rollout_correction_threshold=1.6, entropy_coef=0.02),
-}  # fmt: skip
-DEFAULTS = dict(policy_loss="ppo_clip", loss_agg_mode="token-mean", clip_eps_low=0.2, clip_eps_high=0.2,
-                clip_ratio_c=3.0, kl_estimator="k3", kl_coef=0.0, kl_clamp=10.0, kl_importance_weighted=False,
-                rollout_correction="none", rollout_correction_mode="truncate", rollout_correction_threshold=2.0,
-                entropy_coef=0.0)  # fmt: skip
+    "ppo_clip-kl_iw": dict(
+        policy_loss="ppo_clip",
+        kl_coef=0.3,
+        kl_importance_weighted=True,
+        clip_eps_low=0.05,
+        loss_agg_mode="seq-mean-token-sum-norm",
+    ),
+    "cispo-correction": dict(
+        policy_loss="cispo",
+        rollout_correction="sequence",
+        rollout_correction_mode="mask",
+        rollout_correction_threshold=1.6,
+        entropy_coef=0.02,
+    ),
+}
+DEFAULTS = dict(
+    policy_loss="ppo_clip",
+    loss_agg_mode="token-mean",
+    clip_eps_low=0.2,
+    clip_eps_high=0.2,
+    clip_ratio_c=3.0,
+    kl_estimator="k3",
+    kl_coef=0.0,
+    kl_clamp=10.0,
+    kl_importance_weighted=False,
+    rollout_correction="none",
+    rollout_correction_mode="truncate",
+    rollout_correction_threshold=2.0,
+    entropy_coef=0.0,
+)
 
 
 @pytest.mark.parametrize("case", list(DIRECT))
@@ -330,16 +451,33 @@ def test_grpo_loss_fn_equals_direct_compute_grpo_loss(case):
     weights = None
     if o["rollout_correction"] != "none":
         weights, _ = compute_rollout_correction(
-            mb.old_logprobs, mb.sampling_logprobs, mb.response_mask, level=o["rollout_correction"],
-            mode=o["rollout_correction_mode"], threshold=o["rollout_correction_threshold"],
-        )  # fmt: skip
+            mb.old_logprobs,
+            mb.sampling_logprobs,
+            mb.response_mask,
+            level=o["rollout_correction"],
+            mode=o["rollout_correction_mode"],
+            threshold=o["rollout_correction_threshold"],
+        )
     out = compute_grpo_loss(
-        lp_, mb.old_logprobs, mb.ref_logprobs, mb.advantages, mb.response_mask,
-        policy_loss=o["policy_loss"], loss_agg_mode=o["loss_agg_mode"], clip_eps_low=o["clip_eps_low"],
-        clip_eps_high=o["clip_eps_high"], clip_ratio_c=o["clip_ratio_c"], kl_estimator=o["kl_estimator"],
-        kl_coef=o["kl_coef"], kl_clamp=o["kl_clamp"], kl_importance_weighted=o["kl_importance_weighted"],
-        normalizer=norm, token_weights=weights, impl="torch", max_response_length=cfg.rollout.max_new_tokens,
-    )  # fmt: skip
+        lp_,
+        mb.old_logprobs,
+        mb.ref_logprobs,
+        mb.advantages,
+        mb.response_mask,
+        policy_loss=o["policy_loss"],
+        loss_agg_mode=o["loss_agg_mode"],
+        clip_eps_low=o["clip_eps_low"],
+        clip_eps_high=o["clip_eps_high"],
+        clip_ratio_c=o["clip_ratio_c"],
+        kl_estimator=o["kl_estimator"],
+        kl_coef=o["kl_coef"],
+        kl_clamp=o["kl_clamp"],
+        kl_importance_weighted=o["kl_importance_weighted"],
+        normalizer=norm,
+        token_weights=weights,
+        impl="torch",
+        max_response_length=cfg.rollout.max_new_tokens,
+    )
     m = mb.response_mask
     ent_term = (m * ent_).sum(1) / m.sum(1) if o["loss_agg_mode"] == "seq-mean-token-mean" else None
     assert o["loss_agg_mode"] in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -371,14 +509,25 @@ def test_clip_options_change_the_loss_where_they_bind():
     mb.advantages = torch.tensor([1.0, 0.5, 2.0])
     mb.old_logprobs = (lp - 0.7).clone()  # every ratio e^0.7 ~ 2.01 > 1 + eps
     base = _loss_value("algorithm.kl_coef=0", mb=mb, lp=lp, ent=ent)
-    assert _loss_value("algorithm.kl_coef=0", "algorithm.clip_eps_high=0.5", mb=mb, lp=lp, ent=ent) != pytest.approx(base)
+    assert _loss_value("algorithm.kl_coef=0", "algorithm.clip_eps_high=0.5", mb=mb, lp=lp, ent=ent) != pytest.approx(
+        base
+    )
     assert _loss_value("algorithm.kl_coef=0", "algorithm.clip_eps_low=0.5", mb=mb, lp=lp, ent=ent) == base
     m = mb.response_mask
     assert base == pytest.approx(float(-(mb.advantages.double()[:, None] * 1.2 * m).sum() / 10.0), rel=1e-12)
 
     mb.advantages = -mb.advantages  # A < 0 and r ~ 2.01: the dual-clip constant binds for c < 2.01
-    dual = lambda c: _loss_value("algorithm.kl_coef=0", "algorithm.policy_loss=dual_clip",  # noqa: E731
-                                 f"algorithm.clip_ratio_c={c}", mb=mb, lp=lp, ent=ent)
+
+    def dual(c):
+        return _loss_value(
+            "algorithm.kl_coef=0",
+            "algorithm.policy_loss=dual_clip",
+            f"algorithm.clip_ratio_c={c}",
+            mb=mb,
+            lp=lp,
+            ent=ent,
+        )
+
     assert dual(1.5) == pytest.approx(float((1.5 * mb.advantages.abs().double()[:, None] * m).sum() / 10.0), rel=1e-12)
     assert dual(1.8) != pytest.approx(dual(1.5))
     assert dual(3.0) == pytest.approx(_loss_value("algorithm.kl_coef=0", mb=mb, lp=lp, ent=ent), rel=1e-12)
@@ -449,8 +598,14 @@ class FakeEngine:
                 ids.append(torch.full((n,), prompts[k].uid))
                 lps.append(-torch.rand(n))
                 texts.append(f"{prompts[k].uid}:{seed}:{j}")
-        return RolloutBatch(prompts=list(prompts), group_ids=torch.tensor(gids, dtype=torch.long), response_ids=ids,
-                            sampling_logprobs=lps, finish_reasons=["stop"] * len(gids), texts=texts)
+        return RolloutBatch(
+            prompts=list(prompts),
+            group_ids=torch.tensor(gids, dtype=torch.long),
+            response_ids=ids,
+            sampling_logprobs=lps,
+            finish_reasons=["stop"] * len(gids),
+            texts=texts,
+        )
 
 
 def ref_seed(seed, step, call):
@@ -464,8 +619,12 @@ SEED, STEP, PER_CALL = 42, 5, 3  # calls: prompts [0, 1, 2], [3, 4, 5], [6]
 
 def expected_rows(calls):
     """(group id, text) of the rows of ``calls``, in prompt order, samples in order."""
-    return [(i, f"{PROMPTS[i].uid}:{ref_seed(SEED, STEP, c)}:{j}")
-            for c in calls for i in range(3 * c, min(3 * c + 3, 7)) for j in range(SAMPLING.n)]
+    return [
+        (i, f"{PROMPTS[i].uid}:{ref_seed(SEED, STEP, c)}:{j}")
+        for c in calls
+        for i in range(3 * c, min(3 * c + 3, 7))
+        for j in range(SAMPLING.n)
+    ]
 
 
 def check_batch(batch, calls):
@@ -473,16 +632,18 @@ def check_batch(batch, calls):
     assert batch.prompts is PROMPTS
     assert batch.group_ids.tolist() == [g for g, _ in rows]
     assert batch.texts == [t for _, t in rows]
-    for g, ids, lp, fr in zip(batch.group_ids.tolist(), batch.response_ids, batch.sampling_logprobs,
-                              batch.finish_reasons):
+    for g, ids, lp, fr in zip(
+        batch.group_ids.tolist(), batch.response_ids, batch.sampling_logprobs, batch.finish_reasons
+    ):
         assert (ids == PROMPTS[g].uid).all() and lp.shape == ids.shape and fr == "stop"
 
 
 def test_rollout_single_rank(world):
     engine = FakeEngine()
     batch = loop.rollout(engine, PROMPTS, SAMPLING, seed=SEED, step=STEP, prompts_per_call=PER_CALL)
-    assert engine.calls == [([p.uid for p in PROMPTS[s:s + 3]], ref_seed(SEED, STEP, c))
-                            for c, s in enumerate((0, 3, 6))]
+    assert engine.calls == [
+        ([p.uid for p in PROMPTS[s : s + 3]], ref_seed(SEED, STEP, c)) for c, s in enumerate((0, 3, 6))
+    ]
     assert len({s for _, s in engine.calls}) == 3
     check_batch(batch, [0, 1, 2])
     assert len(batch) == 7 * SAMPLING.n
@@ -509,6 +670,7 @@ def simulated_rollout(monkeypatch, engines):
         def gather(out, obj):
             sent[rank] = obj
             out[:] = [obj if r == rank else [] for r in range(world)]
+
         return gather
 
     for rank, e in enumerate(engines):
@@ -610,29 +772,37 @@ def fmt(answer):
 
 GROUP_IDS = [0, 1, 0, 2, 1, 0, 2, 1, 2]
 TEXTS = [
-    fmt("red"),                             # g0 red:   format, correct
-    fmt("red"),                             # g1 blue:  format, wrong
-    "red",                                  # g0 red:   malformed (no tags), right word
-    fmt("Green"),                           # g2 green: format, correct (case-folded)
-    "<think>x</think> <answer>blue",        # g1 blue:  malformed (unclosed answer), right word
-    fmt("blue"),                            # g0 red:   format, wrong
-    fmt("green"),                           # g2
-    fmt("blue"),                            # g1 blue:  format, correct
-    fmt("green"),                           # g2 (all of g2 equal: zero advantages)
-]  # fmt: skip
+    fmt("red"),  # g0 red:   format, correct
+    fmt("red"),  # g1 blue:  format, wrong
+    "red",  # g0 red:   malformed (no tags), right word
+    fmt("Green"),  # g2 green: format, correct (case-folded)
+    "<think>x</think> <answer>blue",  # g1 blue:  malformed (unclosed answer), right word
+    fmt("blue"),  # g0 red:   format, wrong
+    fmt("green"),  # g2
+    fmt("blue"),  # g1 blue:  format, correct
+    fmt("green"),  # g2 (all of g2 equal: zero advantages)
+]
 LABELS = ["red", "blue", "green"]
 
 
 def scored(cfg):
     n = len(TEXTS)
     batch = RolloutBatch(
-        prompts=[SimpleNamespace(uid=i) for i in range(3)], group_ids=torch.tensor(GROUP_IDS),
-        response_ids=[torch.arange(i + 1) for i in range(n)], sampling_logprobs=[-torch.rand(i + 1) for i in range(n)],
-        finish_reasons=["stop"] * n, texts=TEXTS,
-    )  # fmt: skip
+        prompts=[SimpleNamespace(uid=i) for i in range(3)],
+        group_ids=torch.tensor(GROUP_IDS),
+        response_ids=[torch.arange(i + 1) for i in range(n)],
+        sampling_logprobs=[-torch.rand(i + 1) for i in range(n)],
+        finish_reasons=["stop"] * n,
+        texts=TEXTS,
+    )
     terms, options = builders.reward_terms(cfg.reward)
-    return score_rollout(batch, [GroundTruth(label=x) for x in LABELS], terms=terms, options=options,
-                         advantage_estimator=cfg.algorithm.advantage_estimator)
+    return score_rollout(
+        batch,
+        [GroundTruth(label=x) for x in LABELS],
+        terms=terms,
+        options=options,
+        advantage_estimator=cfg.algorithm.advantage_estimator,
+    )
 
 
 def grpo_by_hand(rewards, eps=1e-6):
@@ -669,8 +839,11 @@ def test_score_rollout_default_rewards_and_grpo_advantages():
 def test_score_rollout_config_weights_mode_and_estimator_reach_the_rewards():
     """reward.terms weights, reward.classification_mode (the published substring rule scores the
     malformed right words) and algorithm.advantage_estimator (drgrpo: r - group mean)."""
-    cfg = load("reward.terms=[{name: format, weight: 0.5}, {name: accuracy, weight: 2.0}]",
-               "reward.classification_mode=visual_rft_compat", "algorithm.advantage_estimator=drgrpo")
+    cfg = load(
+        "reward.terms=[{name: format, weight: 0.5}, {name: accuracy, weight: 2.0}]",
+        "reward.classification_mode=visual_rft_compat",
+        "algorithm.advantage_estimator=drgrpo",
+    )
     s = scored(cfg)
     acc_col = [1, 0, 1, 1, 1, 0, 1, 1, 1]
     assert s.reward_columns["accuracy"].tolist() == acc_col
@@ -679,8 +852,12 @@ def test_score_rollout_config_weights_mode_and_estimator_reach_the_rewards():
     # g0: 2.5, 2.0, 0.5 -> mean 5/3; g1: 0.5, 2.0, 2.5 -> mean 5/3; g2: all 2.5
     hand = [2.5 - 5 / 3, 0.5 - 5 / 3, 2.0 - 5 / 3, 0.0, 2.0 - 5 / 3, 0.5 - 5 / 3, 0.0, 2.5 - 5 / 3, 0.0]
     assert s.advantages.tolist() == pytest.approx(hand, abs=1e-6)
-    s_grpo = scored(load("reward.terms=[{name: format, weight: 0.5}, {name: accuracy, weight: 2.0}]",
-                         "reward.classification_mode=visual_rft_compat"))
+    s_grpo = scored(
+        load(
+            "reward.terms=[{name: format, weight: 0.5}, {name: accuracy, weight: 2.0}]",
+            "reward.classification_mode=visual_rft_compat",
+        )
+    )
     assert s_grpo.advantages.tolist() == pytest.approx(grpo_by_hand(total), abs=1e-6)
 
 

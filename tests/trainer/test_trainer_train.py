@@ -27,12 +27,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
     "data.num_synthetic=16", "data.prompts_per_step=8", "rollout.num_generations=4", "rollout.max_new_tokens=8",
-    "rollout.prompts_per_call=2", "trainer.sft_warmup_steps=2", "trainer.num_steps=3", "trainer.save_interval=2", "trainer.eval_interval=2",
-    "trainer.micro_batch_tokens=1200", "logging.progress_bar=false", "logging.plots=false",
+    "rollout.prompts_per_call=2", "trainer.sft_warmup_steps=2", "trainer.num_steps=3", "trainer.save_interval=2",
+    "trainer.eval_interval=2", "trainer.micro_batch_tokens=1200", "logging.progress_bar=false", "logging.plots=false",
     "logging.tensorboard=false", "optimizer.warmup_steps=0",
 ]  # fmt: skip
-COMPARED = ("sft_loss", "loss", "pg_loss", "kl_loss", "reward/total", "reward/accuracy", "reward/format",
-            "entropy", "grad_norm")
+COMPARED = (
+    "sft_loss",
+    "loss",
+    "pg_loss",
+    "kl_loss",
+    "reward/total",
+    "reward/accuracy",
+    "reward/format",
+    "entropy",
+    "grad_norm",
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -48,8 +57,9 @@ def train(out: Path, tp: int, pp: int, *, fault: str | None = None, dp: int = 1)
     env["OMP_NUM_THREADS"] = "1"
     if fault:
         env["MEGATRON_VRFT_FAULT"] = fault
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(2 * dp), "--master_port", str(_port()),
-           str(ROOT / "tools" / "train.py"), "--config", str(ROOT / "examples" / "configs" / "tiny_cpu.yaml"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(2 * dp),
+           "--master_port", str(_port()), str(ROOT / "tools" / "train.py"),
+           "--config", str(ROOT / "examples" / "configs" / "tiny_cpu.yaml"),
            *SMALL, f"parallel.tensor_parallel_size={tp}", f"parallel.pipeline_parallel_size={pp}",
            f"trainer.output_dir={out}"]  # fmt: skip
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -66,7 +76,11 @@ def assert_same(a: dict[int, dict], b: dict[int, dict], steps, tol: float) -> No
             if key in a[step] or key in b[step]:
                 assert key in a[step] and key in b[step], (step, key)
                 assert abs(a[step][key] - b[step][key]) <= tol * max(1.0, abs(a[step][key])), (
-                    step, key, a[step][key], b[step][key])  # fmt: skip
+                    step,
+                    key,
+                    a[step][key],
+                    b[step][key],
+                )
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +145,9 @@ def test_training_checkpoint_converts_to_the_hf_export(reference, tmp_path_facto
     from megatron_vrft.models.conversion import convert_megatron_to_hf
 
     out = next(tmp_path_factory.getbasetemp().glob("ref*"))
-    hf = convert_megatron_to_hf(out / "checkpoints" / "step_000005", tmp_path_factory.mktemp("conv") / "hf", progress=False)
+    hf = convert_megatron_to_hf(
+        out / "checkpoints" / "step_000005", tmp_path_factory.mktemp("conv") / "hf", progress=False
+    )
     got = {k: v for f in sorted(hf.glob("*.safetensors")) for k, v in load_file(f).items()}
     want = {k: v for f in sorted((out / "hf_checkpoint").glob("*.safetensors")) for k, v in load_file(f).items()}
     assert sorted(got) == sorted(want) and len(want) > 20

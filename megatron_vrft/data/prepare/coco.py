@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import yaml
 
@@ -214,8 +215,9 @@ def build_ov_split(
             known = {str(c["name"]) for c in load_instances(annotation_file)["categories"]}
             missing = [n for n in base + novel if n not in known]
             if missing:
-                raise DataError(f"{annotation_file}: categories of the COCO OV split not in the file: {missing}",
-                                EMPTY_CATEGORIES)
+                raise DataError(
+                    f"{annotation_file}: categories of the COCO OV split not in the file: {missing}", EMPTY_CATEGORIES
+                )
     elif split == "lvis-rare":
         if annotation_file is None:
             raise DataError("split 'lvis-rare' needs the LVIS annotation file", "missing_file")
@@ -226,8 +228,9 @@ def build_ov_split(
         base = [str(c["name"]) for c in data["categories"] if c["frequency"] != "r"]
     else:
         raise ValueError(f"unknown split {split!r}; expected 'coco-48-17' or 'lvis-rare'")
-    summary = BuildSummary(builder=f"ov-split {split}", output=Path(out_dir),
-                           written={"base": len(base), "novel": len(novel)})
+    summary = BuildSummary(
+        builder=f"ov-split {split}", output=Path(out_dir), written={"base": len(base), "novel": len(novel)}
+    )
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "base.yaml").write_text(_fragment(base), encoding="utf-8")
         (tmp / "novel.yaml").write_text(_fragment(novel), encoding="utf-8")

@@ -10,9 +10,10 @@ import contextlib
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from megatron_vrft.storage import atomic_dir as storage_atomic_dir
 from megatron_vrft.storage import atomic_write_bytes

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -137,16 +138,26 @@ def write_class_folders(
     return summary
 
 
-def build_flowers102(root, out_dir, *, k: int, seed: int = 0, split: str = "train",
-                     class_names_file=None, link: LinkMode = "copy", overwrite: bool = False) -> BuildSummary:
+def build_flowers102(
+    root,
+    out_dir,
+    *,
+    k: int,
+    seed: int = 0,
+    split: str = "train",
+    class_names_file=None,
+    link: LinkMode = "copy",
+    overwrite: bool = False,
+) -> BuildSummary:
     """Flowers102 few-shot folders (``split``: train / val / test / all)."""
     root = require_dir(root, "Flowers102 root")
     labels_path, setid_path = root / "imagelabels.mat", root / "setid.mat"
     labels = _mat_key(_loadmat(labels_path), "labels", labels_path).astype(int)
     names = _class_names(class_names_file) if class_names_file is not None else list(FLOWERS102_CLASSES)
     if labels.min() < 1 or labels.max() > len(names):
-        raise DataError(f"{labels_path}: labels span {labels.min()}..{labels.max()}, "
-                        f"but there are {len(names)} class names")
+        raise DataError(
+            f"{labels_path}: labels span {labels.min()}..{labels.max()}, but there are {len(names)} class names"
+        )
     if split == "all":
         numbers = np.arange(1, len(labels) + 1)
     elif split in _FLOWERS_SPLITS:
@@ -160,8 +171,9 @@ def build_flowers102(root, out_dir, *, k: int, seed: int = 0, split: str = "trai
             summary.skip("image_number_out_of_range", str(num))
             continue
         per_class[names[labels[num - 1] - 1]].append(root / "jpg" / f"image_{num:05d}.jpg")
-    return write_class_folders(per_class, out_dir, builder="flowers102", k=k, seed=seed, link=link,
-                               overwrite=overwrite, summary=summary)
+    return write_class_folders(
+        per_class, out_dir, builder="flowers102", k=k, seed=seed, link=link, overwrite=overwrite, summary=summary
+    )
 
 
 def _class_names(path) -> list[str]:
@@ -177,8 +189,9 @@ def _list_lines(path: Path) -> list[str]:
     return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
 
 
-def build_pets(root, out_dir, *, k: int, seed: int = 0, split: str = "trainval",
-               link: LinkMode = "copy", overwrite: bool = False) -> BuildSummary:
+def build_pets(
+    root, out_dir, *, k: int, seed: int = 0, split: str = "trainval", link: LinkMode = "copy", overwrite: bool = False
+) -> BuildSummary:
     """Oxford-IIIT Pets few-shot folders (``split``: trainval / test)."""
     root = require_dir(root, "Oxford-IIIT Pets root")
     if split not in ("trainval", "test"):
@@ -192,12 +205,14 @@ def build_pets(root, out_dir, *, k: int, seed: int = 0, split: str = "trainval",
             summary.skip("bad_list_line", line)
             continue
         per_class.setdefault(breed, []).append(root / "images" / f"{stem}.jpg")
-    return write_class_folders(per_class, out_dir, builder="pets", k=k, seed=seed, link=link,
-                               overwrite=overwrite, summary=summary)
+    return write_class_folders(
+        per_class, out_dir, builder="pets", k=k, seed=seed, link=link, overwrite=overwrite, summary=summary
+    )
 
 
-def build_aircraft(root, out_dir, *, k: int, seed: int = 0, split: str = "train",
-                   link: LinkMode = "copy", overwrite: bool = False) -> BuildSummary:
+def build_aircraft(
+    root, out_dir, *, k: int, seed: int = 0, split: str = "train", link: LinkMode = "copy", overwrite: bool = False
+) -> BuildSummary:
     """FGVC-Aircraft few-shot folders, one class per variant (``split``: train / val / trainval /
     test)."""
     root = require_dir(root, "FGVC-Aircraft root")
@@ -211,12 +226,22 @@ def build_aircraft(root, out_dir, *, k: int, seed: int = 0, split: str = "train"
             summary.skip("bad_list_line", line)
             continue
         per_class.setdefault(variant.strip(), []).append(root / "data" / "images" / f"{image_id}.jpg")
-    return write_class_folders(per_class, out_dir, builder="aircraft", k=k, seed=seed, link=link,
-                               overwrite=overwrite, summary=summary)
+    return write_class_folders(
+        per_class, out_dir, builder="aircraft", k=k, seed=seed, link=link, overwrite=overwrite, summary=summary
+    )
 
 
-def build_cars(root, out_dir, *, k: int, seed: int = 0, annos: str = "devkit/cars_train_annos.mat",
-               images: str = "cars_train", link: LinkMode = "copy", overwrite: bool = False) -> BuildSummary:
+def build_cars(
+    root,
+    out_dir,
+    *,
+    k: int,
+    seed: int = 0,
+    annos: str = "devkit/cars_train_annos.mat",
+    images: str = "cars_train",
+    link: LinkMode = "copy",
+    overwrite: bool = False,
+) -> BuildSummary:
     """Stanford Cars few-shot folders from the devkit ``.mat`` files (module docstring)."""
     root = require_dir(root, "Stanford Cars root")
     meta_path, annos_path = root / "devkit" / "cars_meta.mat", root / annos
@@ -224,8 +249,10 @@ def build_cars(root, out_dir, *, k: int, seed: int = 0, annos: str = "devkit/car
     anns = _mat_key(_loadmat(annos_path), "annotations", annos_path)
     fields = anns.dtype.names or ()
     if "fname" not in fields or "class" not in fields:
-        raise DataError(f"{annos_path}: 'annotations' has fields {list(fields)}; needs 'fname' and 'class' "
-                        "(the test split without labels cannot be used)")
+        raise DataError(
+            f"{annos_path}: 'annotations' has fields {list(fields)}; needs 'fname' and 'class' "
+            "(the test split without labels cannot be used)"
+        )
     summary = BuildSummary(builder="cars", output=Path(out_dir))
     per_class: dict[str, list[Path]] = {}
     for ann in anns:
@@ -234,5 +261,6 @@ def build_cars(root, out_dir, *, k: int, seed: int = 0, annos: str = "devkit/car
             summary.skip("label_out_of_range", str(ann["fname"]))
             continue
         per_class.setdefault(names[label - 1], []).append(root / images / str(ann["fname"]))
-    return write_class_folders(per_class, out_dir, builder="cars", k=k, seed=seed, link=link,
-                               overwrite=overwrite, summary=summary)
+    return write_class_folders(
+        per_class, out_dir, builder="cars", k=k, seed=seed, link=link, overwrite=overwrite, summary=summary
+    )

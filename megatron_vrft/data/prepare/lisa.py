@@ -30,8 +30,11 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 def polygon_union_box(shapes: list, width: int, height: int) -> list[float] | None:
     """``[x1, y1, x2, y2]`` around every ``target`` polygon, clipped to ``(width, height)``; None
     when there is none (or the clipped box is empty)."""
-    points = [np.asarray(s["points"], dtype=np.float64).reshape(-1, 2) for s in shapes
-              if isinstance(s, dict) and "target" in str(s.get("label", "")).lower() and s.get("points")]
+    points = [
+        np.asarray(s["points"], dtype=np.float64).reshape(-1, 2)
+        for s in shapes
+        if isinstance(s, dict) and "target" in str(s.get("label", "")).lower() and s.get("points")
+    ]
     if not points:
         return None
     pts = np.concatenate(points)
@@ -42,8 +45,9 @@ def polygon_union_box(shapes: list, width: int, height: int) -> list[float] | No
     return [float(x1), float(y1), float(x2), float(y2)]
 
 
-def build_lisa(split_dir: str | os.PathLike, out_dir: str | os.PathLike, *, kind: LisaKind = "all",
-               overwrite: bool = False) -> BuildSummary:
+def build_lisa(
+    split_dir: str | os.PathLike, out_dir: str | os.PathLike, *, kind: LisaKind = "all", overwrite: bool = False
+) -> BuildSummary:
     """Write ``out_dir/lisa.json`` from a LISA split folder (module docstring). Entries without a
     target polygon, image or readable JSON are skipped and counted."""
     if kind not in ("all", "sentence", "phrase"):
@@ -83,13 +87,15 @@ def build_lisa(split_dir: str | os.PathLike, out_dir: str | os.PathLike, *, kind
         if box is None:
             summary.skip("no_target_polygon", name)
             continue
-        entries.append({
-            "id": name,
-            "image": os.path.relpath(image.resolve(), out.resolve()),
-            "query": texts,
-            "box": box,
-            "image_size": [width, height],
-        })
+        entries.append(
+            {
+                "id": name,
+                "image": os.path.relpath(image.resolve(), out.resolve()),
+                "query": texts,
+                "box": box,
+                "image_size": [width, height],
+            }
+        )
         counts["sentence" if sentence else "phrase"] += len(texts)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "lisa.json").write_text(dump_json({"entries": entries}), encoding="utf-8")

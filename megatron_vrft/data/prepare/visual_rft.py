@@ -82,8 +82,15 @@ def _class_of(problem: str, solution: str) -> str:
     return gt.categories[0] if gt.categories else NO_CLASS
 
 
-def build_visual_rft(source: str | os.PathLike, out_dir: str | os.PathLike, *, split: str = "train",
-                     k: int | None = None, seed: int = 0, overwrite: bool = False) -> BuildSummary:
+def build_visual_rft(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    split: str = "train",
+    k: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> BuildSummary:
     """Import ``source`` into ``out_dir`` (module docstring)."""
     src = Path(source)
     if not src.exists():
@@ -138,6 +145,9 @@ def build_visual_rft(source: str | os.PathLike, out_dir: str | os.PathLike, *, s
         import pyarrow.parquet as pq
 
         pq.write_table(pa.table(out_rows), tmp / f"{split}.parquet")
-    summary.extra = {"num_rows": len(out_rows["image"]), "num_images": len(set(out_rows["image"])),
-                     "table": f"{split}.parquet"}
+    summary.extra = {
+        "num_rows": len(out_rows["image"]),
+        "num_images": len(set(out_rows["image"])),
+        "table": f"{split}.parquet",
+    }
     return summary

@@ -33,8 +33,9 @@ import io
 import json
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -190,9 +191,7 @@ def read_coco_detection(
             size = checker.size(path, str(path))
             want = (int(img.get("width", size[0])), int(img.get("height", size[1])))
             if want != size:
-                raise DataError(
-                    f"{path}: annotated size {want} differs from the image's {size}", BAD_ANNOTATION
-                )
+                raise DataError(f"{path}: annotated size {want} differs from the image's {size}", BAD_ANNOTATION)
             return True
         except DataError as exc:
             error = DataError(f"{name}: {exc}", exc.reason)

@@ -30,9 +30,7 @@ class ImageChecker:
         return hit
 
 
-def finish_read(
-    records: list[VisualRecord], skips: SkipCounts, source: str, num_candidates: int
-) -> RecordSet:
+def finish_read(records: list[VisualRecord], skips: SkipCounts, source: str, num_candidates: int) -> RecordSet:
     """Wrap up a read: raise on an empty result (naming the source and the skip summary)."""
     if not records:
         raise DataError(
@@ -41,9 +39,7 @@ def finish_read(
     return RecordSet(records=records, skips=skips, source=source)
 
 
-def record_or_skip(
-    build, *, on_error: OnError, skips: SkipCounts, name: str
-) -> VisualRecord | None:
+def record_or_skip(build, *, on_error: OnError, skips: SkipCounts, name: str) -> VisualRecord | None:
     """Call ``build()``; a ``DataError`` (or ``ValueError`` from record validation) raises under
     ``on_error="raise"`` and is counted by reason under ``"skip"``; either way the message starts
     with the record's ``name`` (file and row / id)."""

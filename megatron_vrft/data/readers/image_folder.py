@@ -9,8 +9,8 @@ images exist).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from ..errors import EMPTY_CATEGORIES, DataError, OnError, SkipCounts, check_on_error, raise_or_skip
 from ..prompts import build_classification_prompt
@@ -89,9 +89,7 @@ def read_image_folder(
 
     per_class: dict[str, list[Path]] = {}
     for folder in folders:
-        files = sorted(
-            p for p in (base / folder).iterdir() if p.is_file() and p.suffix.lower() in exts
-        )
+        files = sorted(p for p in (base / folder).iterdir() if p.is_file() and p.suffix.lower() in exts)
         if not files:
             skips.add("category_without_examples", str(base / folder), "no image files")
         per_class[folder] = files
@@ -113,9 +111,7 @@ def read_image_folder(
                     task="classification",
                     images=[path],
                     problem=prompt,
-                    ground_truth=GroundTruth(
-                        label=label, synonyms=tuple((synonyms or {}).get(label, ()))
-                    ),
+                    ground_truth=GroundTruth(label=label, synonyms=tuple((synonyms or {}).get(label, ()))),
                     image_size=checker.size(path, str(path)),
                     metadata={"class_folder": folder},
                 )

@@ -111,11 +111,7 @@ def read_lisa_grounding(
                     raise DataError(f"{entry_name}: missing '{key}'", BAD_ANNOTATION)
             q = entry["query"]
             qs = [q] if isinstance(q, str) else q
-            if (
-                not isinstance(qs, list)
-                or not qs
-                or not all(isinstance(x, str) and x.strip() for x in qs)
-            ):
+            if not isinstance(qs, list) or not qs or not all(isinstance(x, str) and x.strip() for x in qs):
                 raise DataError(
                     f"{entry_name}: 'query' must be a non-empty string or list of them",
                     BAD_ANNOTATION,
@@ -126,9 +122,7 @@ def read_lisa_grounding(
                 or len(box) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
             ):
-                raise DataError(
-                    f"{entry_name}: 'box' must be 4 numbers, got {box!r}", BAD_ANNOTATION
-                )
+                raise DataError(f"{entry_name}: 'box' must be 4 numbers, got {box!r}", BAD_ANNOTATION)
             fmt = entry.get("box_format", "xyxy")
             if fmt not in ("xyxy", "xywh"):
                 raise DataError(

@@ -113,9 +113,7 @@ def infer_task(solution: str) -> str:
     return "classification"
 
 
-def parse_visual_rft_solution(
-    solution: str, *, task: str, problem: str, coord_space: CoordSpace
-) -> GroundTruth:
+def parse_visual_rft_solution(solution: str, *, task: str, problem: str, coord_space: CoordSpace) -> GroundTruth:
     """Ground truth from a ``solution`` string (see the module docstring).
 
     Raises:
@@ -141,15 +139,9 @@ def solution_fields(solution: str, *, task: str, problem: str) -> dict[str, Any]
         return {"label": text}
     if task == "grounding":
         m = _POINT_PAIR_RE.match(text)
-        box = (
-            np.asarray([float(g) for g in m.groups()], dtype=np.float64)
-            if m
-            else _four_numbers(_literal(text))
-        )
+        box = np.asarray([float(g) for g in m.groups()], dtype=np.float64) if m else _four_numbers(_literal(text))
         if box is None:
-            raise DataError(
-                f"grounding solution is not one box: {text[:120]!r}", UNPARSEABLE_SOLUTION
-            )
+            raise DataError(f"grounding solution is not one box: {text[:120]!r}", UNPARSEABLE_SOLUTION)
         return {"box": box}
     if task != "detection":
         raise ValueError(f"unknown task {task!r}")
@@ -161,15 +153,11 @@ def solution_fields(solution: str, *, task: str, problem: str) -> dict[str, Any]
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        raise DataError(
-            f"detection solution is not a list of boxes: {text[:120]!r}", UNPARSEABLE_SOLUTION
-        )
+        raise DataError(f"detection solution is not a list of boxes: {text[:120]!r}", UNPARSEABLE_SOLUTION)
     boxes, cats = [], []
     for entry in value:
         if not isinstance(entry, dict):
-            raise DataError(
-                f"detection solution entry is not a dict: {entry!r}", UNPARSEABLE_SOLUTION
-            )
+            raise DataError(f"detection solution entry is not a dict: {entry!r}", UNPARSEABLE_SOLUTION)
         lowered = {str(k).lower(): v for k, v in entry.items()}
         pos = next((lowered[k] for k in _POSITION_KEYS if k in lowered), None)
         box = _four_numbers(pos)
@@ -188,9 +176,7 @@ def _load_rows(path: Path, split: str) -> list[dict]:
     """Rows as dicts with ``image`` kept encoded (``{"bytes", "path"}``) or as a string."""
     if path.is_file() and path.suffix == ".parquet":
         files = [path]
-    elif path.is_dir() and any(
-        (path / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json")
-    ):
+    elif path.is_dir() and any((path / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
         import datasets
 
         ds = datasets.load_from_disk(str(path))
@@ -222,9 +208,7 @@ def _load_rows(path: Path, split: str) -> list[dict]:
 
 def _image_source(value: Any, *, name: str, root: Path) -> ImageSource:
     if isinstance(value, dict) and value.get("bytes"):
-        return EncodedImage(
-            data=value["bytes"], name=f"{name}.image ({value.get('path') or 'bytes'})"
-        )
+        return EncodedImage(data=value["bytes"], name=f"{name}.image ({value.get('path') or 'bytes'})")
     path = value.get("path") if isinstance(value, dict) else value
     if isinstance(path, str) and path:
         p = Path(path)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 ModelFamily = Literal["qwen2_vl", "qwen2_5_vl"]
 SUPPORTED_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl")
 
+
 @dataclass(frozen=True)
 class HFClasses:
     """The transformers classes of one model family."""
@@ -37,8 +38,9 @@ def hf_classes(family: str) -> HFClasses:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
-        return HFClasses(config=Qwen2_5_VLConfig, model=Qwen2_5_VLModel,
-                         for_generation=Qwen2_5_VLForConditionalGeneration)
+        return HFClasses(
+            config=Qwen2_5_VLConfig, model=Qwen2_5_VLModel, for_generation=Qwen2_5_VLForConditionalGeneration
+        )
     raise ValueError(f"unknown model family {family!r}; expected one of {SUPPORTED_FAMILIES}")
 
 
@@ -88,9 +90,7 @@ class Qwen2VLArch:
 def _family_of(hf_config: Any) -> ModelFamily:
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_FAMILIES:
-        raise ValueError(
-            f"unsupported model_type {model_type!r}; supported families: {SUPPORTED_FAMILIES}"
-        )
+        raise ValueError(f"unsupported model_type {model_type!r}; supported families: {SUPPORTED_FAMILIES}")
     return model_type
 
 
@@ -105,9 +105,7 @@ def build_qwen2_vl_arch(hf_config: Any) -> Qwen2VLArch:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     mrope_section = tuple(rope.get("mrope_section", _DEFAULT_MROPE_SECTION))
     if len(mrope_section) != 3 or sum(mrope_section) != head_dim // 2:
-        raise ValueError(
-            f"mrope_section {mrope_section} must have 3 entries summing to head_dim/2={head_dim // 2}"
-        )
+        raise ValueError(f"mrope_section {mrope_section} must have 3 entries summing to head_dim/2={head_dim // 2}")
     tie = getattr(hf_config, "tie_word_embeddings", None)
     if tie is None:
         tie = getattr(text, "tie_word_embeddings", False)

@@ -90,13 +90,24 @@ def build_policy(
     for v in range(vpp or 1):
         vp_stage = None if vpp is None else v
         pre, post = pipeline_stage_flags(vp_stage)
-        policy = Qwen2VLPolicy(arch, tconfig, pre_process=pre, post_process=post, vp_stage=vp_stage,
-                               layer_spec=build_layer_spec(use_te=use_te))
+        policy = Qwen2VLPolicy(
+            arch,
+            tconfig,
+            pre_process=pre,
+            post_process=post,
+            vp_stage=vp_stage,
+            layer_spec=build_layer_spec(use_te=use_te),
+        )
         policy.adapter_layer_spec = adapter_spec
         if load_weights:
             stage = groups.pp_rank if vpp is None else v * pp + groups.pp_rank
             shard = hf_to_megatron_shard(
-                source.weights, arch, tp_rank=groups.tp_rank, tp_size=tp, pp_rank=stage, pp_size=pp * (vpp or 1),
+                source.weights,
+                arch,
+                tp_rank=groups.tp_rank,
+                tp_size=tp,
+                pp_rank=stage,
+                pp_size=pp * (vpp or 1),
                 layer_spec=adapter_spec,
             )
             policy.load_shard({k: t.to(params_dtype) for k, t in shard.items()})

@@ -50,9 +50,7 @@ def compute_mrope_position_ids(
     Text-only rows get ``arange`` positions over their real tokens on all three axes.
     """
     if bool((input_ids == arch.video_token_id).any()):
-        raise ValueError(
-            f"input_ids contain video placeholders (id {arch.video_token_id}); video is not supported"
-        )
+        raise ValueError(f"input_ids contain video placeholders (id {arch.video_token_id}); video is not supported")
     if mm_token_type_ids is None:
         mm_token_type_ids = compute_mm_token_type_ids(arch, input_ids)
     cls = hf_classes(arch.family).model

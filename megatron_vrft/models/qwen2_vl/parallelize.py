@@ -15,9 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 
-def allreduce_vision_grads(
-    vision: nn.Module | None, tp_group: dist.ProcessGroup, *, grad_attr: str = "grad"
-) -> None:
+def allreduce_vision_grads(vision: nn.Module | None, tp_group: dist.ProcessGroup, *, grad_attr: str = "grad") -> None:
     """Average the vision tower's gradients over ``tp_group`` in one flat all-reduce.
 
     ``grad_attr``: ``"grad"``, or ``"main_grad"`` under megatron-core's DDP (its gradient buffers).

@@ -61,13 +61,30 @@ def build_preset_hf_config(family: str, preset: str, tokenizer: Any) -> Any:
         vision_end_token_id=tid("<|vision_end|>"),
     )
     if family == "qwen2_vl":
-        vision = dict(depth=size["vdepth"], embed_dim=size["vwidth"], hidden_size=size["hidden"],
-                      num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        vision = dict(
+            depth=size["vdepth"],
+            embed_dim=size["vwidth"],
+            hidden_size=size["hidden"],
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
         return hf_classes(family).config(text_config=text, vision_config=vision, **tokens)
     if family == "qwen2_5_vl":
-        vision = dict(depth=size["vdepth"], hidden_size=size["vwidth"], intermediate_size=2 * size["vwidth"],
-                      out_hidden_size=size["hidden"], num_heads=2, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=56, fullatt_block_indexes=[size["vdepth"] - 1])
+        vision = dict(
+            depth=size["vdepth"],
+            hidden_size=size["vwidth"],
+            intermediate_size=2 * size["vwidth"],
+            out_hidden_size=size["hidden"],
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[size["vdepth"] - 1],
+        )
         return hf_classes(family).config(text_config=text, vision_config=vision, **tokens)
     raise ValueError(f"unknown model family {family!r}; expected 'qwen2_vl' or 'qwen2_5_vl'")
 

@@ -302,9 +302,14 @@ def _check_layer_spec(layer_spec: str) -> None:
 
 
 def _expand(
-    a: Qwen2VLArch, layer_spec: LayerSpec, vision_names: list[str], *, pp_rank: int, pp_size: int,
+    a: Qwen2VLArch,
+    layer_spec: LayerSpec,
+    vision_names: list[str],
+    *,
+    pp_rank: int,
+    pp_size: int,
     **pipeline_kwargs: int | None,
-) -> list[BoundParam]:  # fmt: skip
+) -> list[BoundParam]:
     _check_layer_spec(layer_spec)
     ranges = pipeline_layer_ranges(a.num_layers, pp_size, **pipeline_kwargs)
     tied = a.tie_word_embeddings
@@ -383,9 +388,12 @@ def hf_export_order(names: list[str]) -> list[str]:
 
 def _dims(a: Qwen2VLArch) -> dict[str, int]:
     return {
-        "vocab": a.vocab_size, "hidden": a.hidden_size, "ffn": a.intermediate_size,
-        "q": a.num_attention_heads * a.head_dim, "kv": a.num_key_value_heads * a.head_dim,
-    }  # fmt: skip
+        "vocab": a.vocab_size,
+        "hidden": a.hidden_size,
+        "ffn": a.intermediate_size,
+        "q": a.num_attention_heads * a.head_dim,
+        "kv": a.num_key_value_heads * a.head_dim,
+    }
 
 
 def tp_split_axis(megatron_name: str) -> int | None:
@@ -420,12 +428,15 @@ def unfuse_megatron_tensor(row: ParamMapping, full: torch.Tensor, arch: Qwen2VLA
     a = as_arch(arch)
     if row.fusion == "qkv":
         return split_qkv(
-            full, num_attention_heads=a.num_attention_heads, num_query_groups=a.num_key_value_heads,
+            full,
+            num_attention_heads=a.num_attention_heads,
+            num_query_groups=a.num_key_value_heads,
             kv_channels=a.head_dim,
-        )  # fmt: skip
+        )
     if row.fusion == "gate_up":
         return tuple(torch.chunk(full, 2, dim=0))
     return (full[: a.vocab_size] if row.vocab else full,)
+
 
 def hf_in_memory_name(hub_name: str) -> str:
     """Hub name -> transformers >= 5 in-memory name (``model.language_model.*``, ``model.visual.*``)."""
@@ -493,9 +504,16 @@ def megatron_param_shapes(
     shapes = hf_param_shapes(arch)
     meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     shard = hf_to_megatron_shard(
-        meta, arch, tp_rank=0, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size,
-        layer_spec=layer_spec, vocab_padded_size=vocab_padded_size, **pipeline_kwargs,
-    )  # fmt: skip
+        meta,
+        arch,
+        tp_rank=0,
+        tp_size=tp_size,
+        pp_rank=pp_rank,
+        pp_size=pp_size,
+        layer_spec=layer_spec,
+        vocab_padded_size=vocab_padded_size,
+        **pipeline_kwargs,
+    )
     return {k: v.shape for k, v in shard.items()}
 
 
@@ -556,9 +574,17 @@ def _megatron_tensor(
 
 
 def iter_megatron_shard(
-    get_hf_tensor: HfGetter, arch: Qwen2VLArch | Any, *, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int,
-    layer_spec: LayerSpec = "local", vocab_padded_size: int | None = None, **pipeline_kwargs: int | None,
-) -> Iterator[tuple[BoundParam, torch.Tensor]]:  # fmt: skip
+    get_hf_tensor: HfGetter,
+    arch: Qwen2VLArch | Any,
+    *,
+    tp_rank: int,
+    tp_size: int,
+    pp_rank: int,
+    pp_size: int,
+    layer_spec: LayerSpec = "local",
+    vocab_padded_size: int | None = None,
+    **pipeline_kwargs: int | None,
+) -> Iterator[tuple[BoundParam, torch.Tensor]]:
     """:func:`hf_to_megatron_shard`, one ``(row, shard tensor)`` at a time."""
     a = as_arch(arch)
     vp = vocab_padded_size or a.vocab_size
@@ -600,11 +626,17 @@ def hf_to_megatron_shard(
     return {
         b.megatron: t
         for b, t in iter_megatron_shard(
-            get_hf_tensor, arch, tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size,
-            layer_spec=layer_spec, vocab_padded_size=vocab_padded_size,
+            get_hf_tensor,
+            arch,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            pp_rank=pp_rank,
+            pp_size=pp_size,
+            layer_spec=layer_spec,
+            vocab_padded_size=vocab_padded_size,
             num_layers_in_first_pipeline_stage=num_layers_in_first_pipeline_stage,
             num_layers_in_last_pipeline_stage=num_layers_in_last_pipeline_stage,
-        )  # fmt: skip
+        )
     }
 
 
