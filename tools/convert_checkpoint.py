@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 import torch
 
@@ -50,31 +49,22 @@ def _fixed_inputs(arch, *, seed: int):
 
 def verify(hf_dir: str, ckpt_dir: str, *, seed: int = 0) -> float:
     """Max |HF logits - Megatron logits| on a fixed input, both in float32 on the CPU at TP=PP=1."""
-    import torch.distributed as dist
     from megatron.core import dist_checkpointing
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    from megatron_vrft.distributed.parallel_state import (
-        ParallelLayout,
-        destroy_model_parallel,
-        initialize_model_parallel,
-    )
+    from megatron_vrft.distributed.parallel_state import single_rank_world
     from megatron_vrft.models.conversion import MegatronCheckpointReader, build_policy_sharded_state_dict
+    from megatron_vrft.models.qwen2_vl.arch import hf_classes
     from megatron_vrft.models.qwen2_vl.inputs import compute_mm_token_type_ids
     from megatron_vrft.models.qwen2_vl.model import Qwen2VLPolicy
     from megatron_vrft.models.qwen2_vl.spec import Qwen2VLParallelism, build_layer_spec, build_transformer_config
 
     reader = MegatronCheckpointReader(ckpt_dir)
     arch = reader.arch
-    cls = Qwen2VLForConditionalGeneration if arch.family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
-    hf = cls.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
-
-    owned = not dist.is_initialized()
-    store = tempfile.TemporaryDirectory()
-    if owned:
-        dist.init_process_group("gloo", init_method=f"file://{store.name}/store", rank=0, world_size=1)
-    initialize_model_parallel(ParallelLayout())
-    try:
+    hf = hf_classes(arch.family).for_generation.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    hf.eval()
+    with single_rank_world():
         config = build_transformer_config(arch, Qwen2VLParallelism(), params_dtype=torch.float32)
         policy = Qwen2VLPolicy(
             arch, config, pre_process=True, post_process=True, layer_spec=build_layer_spec(use_te=False)
@@ -97,11 +87,6 @@ def verify(hf_dir: str, ckpt_dir: str, *, seed: int = 0) -> float:
             kwargs = dict(pixel_values=pixels, image_grid_thw=grid) if pixels is not None else {}
             ref = hf(input_ids=ids, mm_token_type_ids=compute_mm_token_type_ids(arch, ids), **kwargs).logits.float()
         return (ours - ref).abs().max().item()
-    finally:
-        destroy_model_parallel()
-        if owned:
-            dist.destroy_process_group()
-        store.cleanup()
 
 
 def _vocab_padded_size(args, vocab_size: int) -> int | None:
