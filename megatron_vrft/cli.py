@@ -8,8 +8,10 @@ with :data:`EXIT_USER_ERROR`; anything else is a crash with its traceback (exit 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from megatron_vrft.config import ConfigError, VisualRFTConfig, describe_config, load_config
 
@@ -82,3 +84,21 @@ def run(
         if report():
             print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def find_run_config(checkpoint: str | Path) -> Path | None:
+    """The run config the trainer wrote into its output directory (``RUN/config.json``) for a
+    checkpoint inside it: ``RUN/checkpoints``, ``RUN/checkpoints/step_N`` or ``RUN/hf_checkpoint``
+    (whose own ``config.json`` is the model's, not a run config). None when there is none."""
+    path = Path(checkpoint).resolve()
+    for folder in (path, *path.parents[:3]):
+        candidate = folder / "config.json"
+        if not candidate.is_file():
+            continue
+        try:
+            values = json.loads(candidate.read_text())
+        except ValueError:
+            continue
+        if isinstance(values, dict) and {"model", "data", "trainer"} <= values.keys():
+            return candidate
+    return None

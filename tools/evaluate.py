@@ -1,6 +1,7 @@
 """Evaluate a checkpoint, or completions, against a dataset: accuracy, COCO/LVIS box mAP, grounding IoU.
 
     python tools/evaluate.py --config RUN.yaml --checkpoint HF_DIR --output-dir OUT [k=v ...]
+    python tools/evaluate.py --checkpoint RUN/checkpoints [k=v ...]     # the run's own config.json
     torchrun --nproc_per_node N tools/evaluate.py --config RUN.yaml --checkpoint HF_DIR --output-dir OUT
     python tools/evaluate.py --config RUN.yaml --predictions preds.jsonl [--output metrics.json] [k=v ...]
 
@@ -88,6 +89,13 @@ def main(argv=None) -> int:
 def evaluate_main(args) -> int:
     if args.predictions is None and args.checkpoint is None:
         raise cli.UserError("one of --predictions or --checkpoint is required")
+    if args.config is None and args.checkpoint is not None:
+        # a checkpoint inside a run directory: the run's own config (its data section is evaluated)
+        if (found := cli.find_run_config(args.checkpoint)) is None:
+            raise cli.UserError(f"--config RUN.yaml is required (no run config.json beside {args.checkpoint})")
+        args.config = str(found)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"config: {found} (the run's)", file=sys.stderr)
     cfg = cli.load_run_config(args)
     if args.checkpoint is not None:
         return evaluate_checkpoint(cfg, args)

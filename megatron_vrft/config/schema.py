@@ -305,7 +305,12 @@ class RewardConfig:
 
 @dataclass(kw_only=True)
 class TrainerConfig:
-    num_steps: int = doc("Optimisation steps (one rollout batch each).", default=100)
+    num_steps: int = doc(
+        "Steps of the algorithm (GRPO: one rollout batch each; or the SFT baseline). They follow the "
+        "sft_warmup_steps SFT steps: a run takes sft_warmup_steps + num_steps steps in all (the "
+        "progress bar names the phase).",
+        default=100,
+    )
     micro_batch_tokens: int = doc("Token budget of one training micro-batch.", default=8192)
     seed: int = doc("Global seed (model init, sampling).", default=1234)
     output_dir: str = doc("Run directory: checkpoints, metrics, plots.", default="outputs/run")

@@ -27,6 +27,10 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]
         raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    # mkdtemp makes it private (0700); the output gets the mode any new directory would (umask)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
     except BaseException:

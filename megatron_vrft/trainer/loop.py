@@ -37,6 +37,7 @@ from megatron_vrft.rollout.engine import RolloutEngine
 from megatron_vrft.rollout.offload import Offloader, trainer_tensors
 from megatron_vrft.rollout.types import RolloutBatch, SamplingParams
 from megatron_vrft.rollout.weight_export import export_hf_weights
+from megatron_vrft.storage import atomic_write_bytes
 from megatron_vrft.trainer import checkpoint as ckpt
 from megatron_vrft.trainer.actor import copy_weights, forward_logprobs, policy_sharded_state_dict
 from megatron_vrft.trainer.batching import MicroBatch, build_micro_batches
@@ -57,6 +58,10 @@ class TrainResult:
     final_metrics: dict
     hf_checkpoint: Path | None
     files: dict[str, str]
+
+
+RUN_CONFIG_FILE = "config.json"
+"""The run's config (JSON, loadable as YAML) in ``trainer.output_dir``."""
 
 
 def prompt_seed(seed: int, step: int, index: int) -> int:
@@ -82,6 +87,9 @@ def train(cfg: VisualRFTConfig) -> TrainResult:
         logger.info("resumed from %s (step %d)", path, start_step)
     if run.rank == 0:
         ckpt.remove_incomplete(out_dir)
+        # the run's config beside its checkpoints from the start: tools/evaluate.py finds it there
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_dir / RUN_CONFIG_FILE, json.dumps(config_to_dict(cfg), indent=2).encode())
     metrics = MetricsLogger(
         out_dir,
         active=run.rank == 0,
@@ -104,6 +112,7 @@ def train(cfg: VisualRFTConfig) -> TrainResult:
         t0 = time.perf_counter()
         step_timer = PhaseTimer()
         if step <= cfg.trainer.sft_warmup_steps or cfg.algorithm.name == "sft":
+            bar.set_description("sft warm-up" if cfg.algorithm.name == "grpo" else "sft", refresh=False)
             record = sft_step(run, step, step_timer)
             if run.reference is not None and step == warmup:
                 with reference_resident(run):  # GRPO's reference is the warmed-up policy
@@ -111,6 +120,7 @@ def train(cfg: VisualRFTConfig) -> TrainResult:
         else:
             if warmup and step == warmup + 1:
                 run.actor.reset_optimizer(cfg.trainer.num_steps)
+            bar.set_description("grpo", refresh=False)
             record = grpo_step(run, step, step_timer, sync_weights=weights_stale)
         weights_stale = True
         record.update({f"time/{k}": v for k, v in step_timer.seconds.items()})
@@ -161,7 +171,6 @@ def train(cfg: VisualRFTConfig) -> TrainResult:
         files["reward_curve"] = str(png)
     metrics.close()
     if run.rank == 0:
-        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
         logger.info("phase timings (all steps)\n%s", timer.table())
     return TrainResult(
         output_dir=out_dir,

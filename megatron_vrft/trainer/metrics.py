@@ -1,5 +1,5 @@
-"""Run metrics: one JSON line per step, TensorBoard scalars, Weights & Biases when configured, and the
-reward-curve PNG (rank 0 only).
+"""Run metrics: one JSON line per (step, phase), TensorBoard scalars, Weights & Biases when configured,
+and the reward-curve PNG (rank 0 only).
 
 On resume the JSONL is cut back to the checkpoint's step, so steps that ran after the checkpoint
 and before a crash are not counted twice.
@@ -74,10 +74,18 @@ class MetricsLogger:
         if not self.active:
             return
         record = {"step": step, **metrics}
-        self.records.append(record)
-        if self._jsonl:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        key = (step, metrics.get("phase"))
+        if any((r.get("step"), r.get("phase")) == key for r in self.records):
+            # The same row again (a finished run re-run, or one killed after its final evaluation,
+            # evaluates the last step once more): it replaces the earlier one, rows stay unique.
+            self.records = [record if (r.get("step"), r.get("phase")) == key else r for r in self.records]
+            if self._jsonl:
+                atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+        else:
+            self.records.append(record)
+            if self._jsonl:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
             for key, value in scalars.items():
@@ -95,7 +103,8 @@ class MetricsLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+        ax = axes[0, 0]
         grpo = [r for r in self.records if r.get("phase") == "grpo"]
         for key, label in CURVES:
             pts = [(r["step"], r[key]) for r in grpo if key in r]
@@ -115,18 +124,24 @@ class MetricsLogger:
         ax.set_ylabel("mean over sampled responses")
         ax.set_title("Visual-RFT rewards")
         ax.set_ylim(-0.05, max(2.05, max((r.get("reward/total", 0) for r in grpo), default=0) + 0.05))
-        ax.legend(loc="upper left")
-        for key, label in (
-            ("loss", "loss"),
-            ("kl_loss", "KL to reference"),
-            ("rollout/logprob_abs_diff_mean", "|rollout - trainer| log-prob"),
+        ax.legend(loc="upper left", fontsize=8)
+        # one quantity per panel, each on its own scale (a KL spike no longer flattens the loss)
+        for panel, (key, title, ylabel) in zip(
+            (axes[0, 1], axes[1, 0], axes[1, 1]),
+            (
+                ("loss", "GRPO loss", "loss"),
+                ("kl_loss", "KL to the reference", "KL estimate (aggregated as the loss)"),
+                ("rollout/logprob_abs_diff_mean", "rollout vs trainer log-probs", "mean |difference|"),
+            ),
         ):
             pts = [(r["step"], r[key]) for r in self.records if key in r]
             if pts:
-                ax2.plot(*zip(*pts), label=label)
-        ax2.set_xlabel("step")
-        ax2.set_title("loss and KL")
-        ax2.legend(loc="upper right")
+                panel.plot(*zip(*pts), linewidth=1)
+            else:
+                panel.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=panel.transAxes)
+            panel.set_xlabel("step")
+            panel.set_ylabel(ylabel)
+            panel.set_title(title)
         fig.tight_layout()
         path = self.dir / filename
         fig.savefig(path, dpi=100)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -203,6 +205,11 @@ def build_run(cfg: VisualRFTConfig) -> RunContext:
     batcher = PromptBatcher(
         num_records=len(examples), global_batch_size=d.prompts_per_step, dp_rank=0, dp_size=1, seed=d.seed
     )
+    # torch was seeded with the groups; Python's and numpy's global generators are seeded last, so
+    # the steps start from the same state whatever the set-up drew (their states are saved and
+    # restored with each checkpoint)
+    random.seed(cfg.trainer.seed)
+    np.random.seed(cfg.trainer.seed % 2**32)
     return RunContext(
         cfg=cfg,
         rank=rank,

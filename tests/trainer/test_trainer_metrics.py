@@ -46,6 +46,25 @@ def test_resume_cuts_jsonl_and_tensorboard_back(tmp_path):
     assert not any(tag == "note" for tag, _ in scalars)
 
 
+def test_rerun_of_a_finished_run_writes_each_step_and_phase_once(tmp_path):
+    # a run of 3 steps ends with an evaluation of step 3; re-running it (resume at its last
+    # checkpoint, step 3) evaluates step 3 again: the row is replaced, not repeated
+    rng = random.Random(5)
+    log = MetricsLogger(tmp_path, active=True, jsonl=True, tensorboard=False, resume_step=None)
+    for s, m in _steps(rng, range(1, 4)).items():
+        log.log(s, {"phase": "grpo", **m})
+    log.log(3, {"phase": "eval", "eval/accuracy": 0.5})
+    log.close()
+    for accuracy in (0.75, 1.0):  # killed after the final evaluation, then re-run twice
+        log = MetricsLogger(tmp_path, active=True, jsonl=True, tensorboard=False, resume_step=3)
+        log.log(3, {"phase": "eval", "eval/accuracy": accuracy})
+        log.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["phase"]) for r in rows] == [(1, "grpo"), (2, "grpo"), (3, "grpo"), (3, "eval")]
+    assert rows[-1]["eval/accuracy"] == 1.0
+    assert [(r["step"], r["phase"]) for r in log.records] == [(r["step"], r["phase"]) for r in rows]
+
+
 def test_wandb_offline_run_continues_after_resume(tmp_path, monkeypatch):
     import wandb
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_vrft import cli
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
     "data.num_synthetic=16", "data.prompts_per_step=8", "rollout.num_generations=4", "rollout.max_new_tokens=8",
@@ -117,12 +119,16 @@ def test_kill_9_then_resume_is_exact(reference, tmp_path, fault):
     assert crashed.returncode != 0
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_000002"
+    # the run's config is written when the run starts: evaluating a killed run's checkpoint finds it
+    assert cli.find_run_config(ckpts / "step_000002") == (tmp_path / "config.json").resolve()
     if fault.startswith("checkpoint_write"):
         assert (ckpts / "step_000004.incomplete").is_dir()  # the interrupted write, not published
     resumed = train(tmp_path, 2, 1)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stderr + resumed.stdout
     got = records(tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len({(r["step"], r.get("phase")) for r in rows}) == len(rows)  # each (step, phase) once
     assert sorted(got) == [1, 2, 3, 4, 5]  # steps after the checkpoint are not counted twice
     assert_same(reference, got, range(1, 6), 1e-6)
     assert not list(ckpts.glob("*.incomplete"))
