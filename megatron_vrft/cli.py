@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -102,3 +104,23 @@ def find_run_config(checkpoint: str | Path) -> Path | None:
         if isinstance(values, dict) and {"model", "data", "trainer"} <= values.keys():
             return candidate
     return None
+
+
+LIBRARY_NOISE = (
+    # megatron-core says at import that it falls back to torch without Apex / Transformer Engine:
+    # expected on a CPU (and never install the PyPI package "apex")
+    r".*Transformer Engine and Apex are not installed.*",
+    r".*Apex is not installed.*",
+    r"full scope is deprecated.*",  # megatron-core's own default of TransformerConfig.cuda_graph_scope
+    r"When using async grad allreduce.*",  # megatron-core's advice about an env var for GPU overlap
+)
+"""Warnings of the libraries that say nothing to a user of this project (regexes of their messages)."""
+
+
+def quiet_libraries() -> None:
+    """A concise console: the expected library warnings (:data:`LIBRARY_NOISE`) off, and
+    megatron-core's INFO lines (optimizer and DDP config dumps, the parameter-bucket list) below
+    the console's level. Call before importing megatron."""
+    for pattern in LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("megatron").setLevel(logging.WARNING)

@@ -97,6 +97,7 @@ def evaluate_main(args) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"config: {found} (the run's)", file=sys.stderr)
     cfg = cli.load_run_config(args)
+    cli.quiet_libraries()
     if args.checkpoint is not None:
         return evaluate_checkpoint(cfg, args)
     try:

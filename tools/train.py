@@ -22,6 +22,7 @@ def train_main(args) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s"
     )
     cfg = cli.load_run_config(args)
+    cli.quiet_libraries()
     import torch
     import torch.distributed as dist
 

@@ -64,6 +64,25 @@ RUN_CONFIG_FILE = "config.json"
 """The run's config (JSON, loadable as YAML) in ``trainer.output_dir``."""
 
 
+def run_summary(run: RunContext) -> str:
+    """The start-up summary: layout, engine, model, data, steps and output, one line each."""
+    cfg, g = run.cfg, run.groups
+    model = cfg.model.hf_path or f"the built-in random '{cfg.model.tiny_preset}' preset"
+    steps = f"{cfg.trainer.num_steps} {cfg.algorithm.name.upper()} steps"
+    if cfg.algorithm.name == "grpo" and cfg.trainer.sft_warmup_steps:
+        steps = f"{cfg.trainer.sft_warmup_steps} SFT warm-up steps, then {steps}"
+    return "\n".join([
+        "run:",
+        f"  layout   world {run.world_size} = TP {g.tp_size} x PP {g.pp_size} x DP {g.dp_size}",
+        f"  engine   {run.engine.name} (rollout.engine={cfg.rollout.engine}; {run.engine.num_replicas} replica(s))",
+        f"  model    {cfg.model.family}: {model}, {cfg.model.dtype}",
+        f"  data     {cfg.data.source} {cfg.data.task}: {len(run.examples)} prompts, {len(run.eval_prompts)} held out; "
+        f"{cfg.data.prompts_per_step} prompts x {cfg.rollout.num_generations} responses per step",
+        f"  steps    {steps}",
+        f"  output   {cfg.trainer.output_dir}",
+    ])  # fmt: skip
+
+
 def prompt_seed(seed: int, step: int, index: int) -> int:
     """A seed for ``(run seed, step, index)`` (index: a rank's rollout call, or a marker)."""
     return int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0])
@@ -80,6 +99,8 @@ def train(cfg: VisualRFTConfig) -> TrainResult:
     timer = PhaseTimer()
     out_dir = Path(cfg.trainer.output_dir)
     total_steps = cfg.trainer.sft_warmup_steps + cfg.trainer.num_steps
+    if run.rank == 0:
+        logger.info("%s", run_summary(run))
     start_step = 0
     warmup = sft_warmup_before_grpo(cfg)
     if cfg.trainer.resume and (path := ckpt.latest_checkpoint(out_dir)) is not None:
@@ -529,6 +550,9 @@ def evaluate(run: RunContext, step: int) -> dict:
     out.update({f"eval/task/{k}": float(v) for k, v in task.items() if isinstance(v, (int, float))})
     out["eval/num_prompts"] = len(prompts)
     if run.rank == 0:
+        shown = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in out.items() if k.startswith("eval/task/") and
+                          k != "eval/task/num_samples")  # fmt: skip
+        tqdm.write(f"evaluation at step {step} on {len(prompts)} held-out prompts: {shown}")
         examples = [
             {"source_id": batch.prompt_of(i).source_id, "completion": batch.texts[i]} for i in range(min(8, len(batch)))
         ]
