@@ -5,6 +5,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_vrft"
 
+# everything below the composition layer
+LIBRARY = {"config", "ops", "rl", "rewards", "eval", "data", "distributed", "models", "rollout", "storage"}
 # package -> megatron_vrft subpackages it may import (itself always allowed)
 ALLOWED_INTERNAL = {
     "storage": set(),
@@ -18,36 +20,10 @@ ALLOWED_INTERNAL = {
     "models": {"ops", "distributed", "storage"},
     "rollout": {"ops", "rewards", "data", "models", "distributed", "storage"},
     # the one module that builds components from config sections (builders.py): above rollout,
-    # below the trainer; only the trainer and tools import it
-    "builders": {"config", "ops", "rl", "rewards", "eval", "data", "distributed", "models", "rollout", "storage"},
-    "trainer": {
-        "config",
-        "ops",
-        "rl",
-        "rewards",
-        "eval",
-        "data",
-        "distributed",
-        "models",
-        "rollout",
-        "storage",
-        "builders",
-    },
-    # the command-line front of the tools (cli.py): on top
-    "cli": {
-        "config",
-        "ops",
-        "rl",
-        "rewards",
-        "eval",
-        "data",
-        "distributed",
-        "models",
-        "rollout",
-        "storage",
-        "builders",
-        "trainer",
-    },
+    # below the trainer; only the trainer and the command-line front import it
+    "builders": LIBRARY,
+    "trainer": LIBRARY | {"builders"},
+    "cli": LIBRARY | {"builders", "trainer"},  # the command-line front of the tools (cli.py): on top
 }
 # third-party roots a package must not import (the pure-math layers stay free of model stacks)
 FORBIDDEN_EXTERNAL = {
