@@ -12,10 +12,13 @@ import json
 import logging
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-from megatron_vrft.config import ConfigError, VisualRFTConfig, describe_config, load_config
+import yaml
+
+from megatron_vrft.config import RUN_CONFIG_FILE, ConfigError, VisualRFTConfig, describe_config, load_config
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
@@ -28,42 +31,44 @@ class UserError(Exception):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types a front reports as one line: config and data errors, missing paths, YAML syntax."""
-    import yaml
-
     from megatron_vrft.data.errors import DataError
 
     return (UserError, ConfigError, DataError, FileNotFoundError, NotADirectoryError, yaml.YAMLError)
 
 
-def config_parser(description: str | None, *, config_required: bool = True) -> argparse.ArgumentParser:
+def config_parser(description: str | None) -> argparse.ArgumentParser:
     """An argument parser with the shared config arguments: ``--config``, ``--help-config`` and the
-    trailing ``dotted.key=value`` overrides (a tool adds its own flags)."""
+    trailing ``dotted.key=value`` overrides (a tool adds its own flags). ``--config`` is checked by
+    :func:`load_run_config`, so that ``--help-config`` works without it."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=False, help="YAML run config" + (" (required)" if config_required else ""))
+    parser.add_argument("--config", help="YAML run config (required)")
     parser.add_argument("--help-config", action="store_true", help="list every config field and exit")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
-    parser.set_defaults(_config_required=config_required)
     return parser
 
 
 def load_run_config(args: argparse.Namespace) -> VisualRFTConfig:
     """The config ``args`` name (``--config`` plus overrides); raises a user error."""
-    if args.config is None and args._config_required:
+    if args.config is None:
         raise UserError("--config RUN.yaml is required (python3 tools/train.py --help-config lists every field)")
     try:
         return load_config(args.config, args.overrides)
     except FileNotFoundError as err:
         raise UserError(f"--config {args.config}: no such file") from err
-    except ConfigError:
-        raise
-    except Exception as err:  # a YAML syntax error: name the file and the place
-        import yaml
+    except yaml.YAMLError as err:  # a syntax error: name the file and the place
+        where = getattr(err, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise UserError(f"--config {args.config}: not valid YAML{at}: {getattr(err, 'problem', err)}") from err
 
-        if isinstance(err, yaml.YAMLError):
-            where = getattr(err, "problem_mark", None)
-            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
-            raise UserError(f"--config {args.config}: not valid YAML{at}: {getattr(err, 'problem', err)}") from err
-        raise
+
+@contextmanager
+def reported_as_user_errors(*types: type[BaseException]) -> Iterator[None]:
+    """Inside the block, exceptions of ``types`` (e.g. a tool's ``ValueError`` of bad input) become
+    :class:`UserError`: :func:`run` reports them as one line and exits with :data:`EXIT_USER_ERROR`."""
+    try:
+        yield
+    except types as err:
+        raise UserError(str(err)) from err
 
 
 def run(
@@ -94,7 +99,7 @@ def find_run_config(checkpoint: str | Path) -> Path | None:
     (whose own ``config.json`` is the model's, not a run config). None when there is none."""
     path = Path(checkpoint).resolve()
     for folder in (path, *path.parents[:3]):
-        candidate = folder / "config.json"
+        candidate = folder / RUN_CONFIG_FILE
         if not candidate.is_file():
             continue
         try:

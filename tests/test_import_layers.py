@@ -14,7 +14,7 @@ ALLOWED_INTERNAL = {
     "ops": set(),
     "rl": {"ops"},
     "rewards": {"ops"},
-    "eval": {"ops", "rewards"},
+    "eval": {"ops", "rewards", "storage"},
     "data": {"ops", "rewards", "storage"},
     "distributed": set(),
     "models": {"ops", "distributed", "storage"},

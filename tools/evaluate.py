@@ -36,7 +36,6 @@ import sys
 from pathlib import Path
 
 from megatron_vrft import builders, cli
-from megatron_vrft.config import ConfigError
 from megatron_vrft.eval.evaluate import score_predictions
 from megatron_vrft.eval.predictions import (
     PREDICTIONS_FILE,
@@ -45,12 +44,9 @@ from megatron_vrft.eval.predictions import (
     read_predictions,
 )
 
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)  # ConfigError and DataError are ValueErrors
-
-
-def fail(err: BaseException | str) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return cli.EXIT_USER_ERROR
+# bad input met while reading data, predictions or a checkpoint: reported as one line, exit 2
+# (ConfigError and DataError are ValueErrors)
+BAD_INPUT = (ValueError, FileNotFoundError)
 
 
 def print_metrics(metrics: dict) -> None:
@@ -100,14 +96,12 @@ def evaluate_main(args) -> int:
     cli.quiet_libraries()
     if args.checkpoint is not None:
         return evaluate_checkpoint(cfg, args)
-    try:
+    with cli.reported_as_user_errors(*BAD_INPUT):
         predictions = read_predictions(args.predictions)
         records, ground_truths, options = read_eval_data(cfg, args.protocol)
         metrics = score_predictions(
             cfg.data.task, [r.source_id for r in records], ground_truths, predictions, **options
         )
-    except USER_ERRORS as err:
-        return fail(err)
     print_metrics(metrics)
     if args.output:
         args.output.write_text(json.dumps(metrics, indent=2, default=float))
@@ -124,7 +118,7 @@ def evaluate_checkpoint(cfg, args) -> int:
     try:
         checkpoint = resolve_checkpoint(args.checkpoint)
     except FileNotFoundError as err:
-        return fail(f"--checkpoint {err}")
+        raise cli.UserError(f"--checkpoint {err}") from err
     out_dir = args.output_dir or (checkpoint.parent / "evaluation")
     if "RANK" in os.environ:  # under torchrun: records dealt over the ranks
         from megatron_vrft.distributed.parallel_state import init_distributed
@@ -132,7 +126,7 @@ def evaluate_checkpoint(cfg, args) -> int:
         init_distributed("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     d = cfg.data
-    try:
+    with cli.reported_as_user_errors(*BAD_INPUT):
         # the records once, under data.on_error: a bad annotation raises here, before generation
         records, ground_truths, options = read_eval_data(cfg, args.protocol)
         opened = open_checkpoint(checkpoint)
@@ -175,8 +169,6 @@ def evaluate_checkpoint(cfg, args) -> int:
             seed=cfg.trainer.seed,
             progress=True,
         )
-    except USER_ERRORS as err:
-        return fail(err)
     if world > 1:
         dist.barrier()
         if rank == 0:
@@ -185,11 +177,9 @@ def evaluate_checkpoint(cfg, args) -> int:
     if rank != 0:
         dist.destroy_process_group()
         return 0
-    try:
+    with cli.reported_as_user_errors(ValueError):  # e.g. an output dir holding answers to another dataset
         predictions = read_predictions(out_dir / PREDICTIONS_FILE)
         metrics = score_predictions(d.task, [r.source_id for r in records], ground_truths, predictions, **options)
-    except ValueError as err:  # e.g. an output dir holding answers to another dataset
-        return fail(err)
     metrics["num_evaluated"] = len(predictions)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     (out_dir / "report.md").write_text(markdown_report(metrics, title=f"{d.task}: {checkpoint}"))

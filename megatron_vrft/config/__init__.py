@@ -2,6 +2,7 @@
 
 from megatron_vrft.config.errors import ConfigError
 from megatron_vrft.config.loader import (
+    RUN_CONFIG_FILE,
     apply_overrides,
     build_dataclass,
     config_to_dict,
@@ -24,6 +25,7 @@ from megatron_vrft.config.schema import (
 )
 
 __all__ = [
+    "RUN_CONFIG_FILE",
     "AlgorithmConfig",
     "ConfigError",
     "DataConfig",

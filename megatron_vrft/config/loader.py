@@ -21,6 +21,8 @@ from megatron_vrft.config.errors import ConfigError
 from megatron_vrft.config.schema import RETIRED_KEYS, VisualRFTConfig
 
 T = TypeVar("T")
+RUN_CONFIG_FILE = "config.json"
+"""A run's config as the trainer writes it into ``trainer.output_dir`` (JSON, which loads as YAML)."""
 _MISSING = dataclasses.MISSING
 
 

@@ -122,18 +122,19 @@ def destroy_model_parallel() -> None:
     mpu.destroy_model_parallel()
 
 
-def init_distributed(backend: str = "auto") -> None:
+def init_distributed(backend: str = "auto", *, world_of_one: bool = False) -> None:
     """Start ``torch.distributed`` for this process: the torchrun world (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR`` in the environment), or a world of one on a free local port for a plain
-    ``python`` run. ``backend`` 'auto' is nccl with CUDA, gloo without; with CUDA the rank's
-    device is ``LOCAL_RANK``. The one process-group start-up of the trainer and the tools."""
+    ``python`` run or with ``world_of_one``. ``backend`` 'auto' is nccl with CUDA, gloo without;
+    with CUDA the rank's device is ``LOCAL_RANK``. The one process-group start-up of the trainer
+    and the tools."""
     if dist.is_initialized():
         return
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if "RANK" in os.environ:
+    if "RANK" in os.environ and not world_of_one:
         dist.init_process_group(backend)
         return
     with socket.socket() as sock:
@@ -152,11 +153,7 @@ def single_rank_world(layout: ParallelLayout | None = None, *, seed: int = 1234)
     """
     created = not dist.is_initialized()
     if created:
-        saved = {k: os.environ.pop(k) for k in ("RANK",) if k in os.environ}  # a world of one, even under torchrun
-        try:
-            init_distributed("gloo")
-        finally:
-            os.environ.update(saved)
+        init_distributed("gloo", world_of_one=True)  # even under torchrun
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     try:

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_vrft.storage import atomic_write_bytes
+
 PREDICTIONS_FILE = "predictions.jsonl"
 
 
@@ -61,11 +63,7 @@ def append_predictions(f, predictions: Iterable[tuple[str, str]]) -> None:
 
 def write_predictions(path: str | Path, predictions: Mapping[str, str]) -> Path:
     """Write ``{source_id: completion}`` as a predictions file (replacing it). Returns ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(_rows(predictions.items()))
-    tmp.replace(path)
-    return path
+    return atomic_write_bytes(path, _rows(predictions.items()).encode())
 
 
 def merge_prediction_parts(out_dir: str | Path, world: int) -> Path:

@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_vrft.distributed.cpu_compat import apply_cpu_compat_patches
+from megatron_vrft.distributed.parallel_state import init_distributed
 from megatron_vrft.models.conversion_hf import (  # noqa: F401  (re-exported: the conversion API)
     HfCheckpointReader,
     check_hf_names,
@@ -428,12 +429,11 @@ def _process_group() -> Iterator[None]:
     if dist.is_initialized():
         yield
         return
-    with tempfile.TemporaryDirectory() as d:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(d, 'store')}", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
+    init_distributed("gloo", world_of_one=True)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def build_policy_sharded_state_dict(policy: Any, *, tp_rank: int, dp_rank: int, prefix: str = "") -> dict[str, Any]:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_vrft import builders
-from megatron_vrft.config import VisualRFTConfig, config_to_dict
+from megatron_vrft.config import RUN_CONFIG_FILE, VisualRFTConfig, config_to_dict
 from megatron_vrft.data import dp_shard
 from megatron_vrft.data.prompts import format_answer
 from megatron_vrft.eval.evaluate import evaluate_completions
@@ -58,10 +58,6 @@ class TrainResult:
     final_metrics: dict
     hf_checkpoint: Path | None
     files: dict[str, str]
-
-
-RUN_CONFIG_FILE = "config.json"
-"""The run's config (JSON, loadable as YAML) in ``trainer.output_dir``."""
 
 
 def run_summary(run: RunContext) -> str:
